@@ -1,0 +1,123 @@
+"""The plan is a pure function of a hardware description: every rule tested with made-up GPUs."""
+import pytest
+
+from train import GPU, Hardware, UserError, lr_for_batch, make_plan, parse_simulated_gpus, torchrun_hint
+
+
+def gpus(*specs):
+    return Hardware(tuple(GPU(i, name, gb) for i, (name, gb) in enumerate(specs)), cpu_count=16)
+
+
+A6000, RTX3090, H100, A100_40, T4_4GB = ("NVIDIA RTX A6000", 48), ("NVIDIA GeForce RTX 3090", 24), \
+    ("NVIDIA H100 80GB HBM3", 80), ("NVIDIA A100-SXM4-40GB", 40), ("Tesla T4 small", 4)
+
+
+def test_mixed_a6000_and_two_3090s_uses_the_3090s_with_master_cuda1():
+    plan = make_plan(gpus(A6000, RTX3090, RTX3090))
+    assert plan["device"] == "cuda:1"
+    assert plan["device_ids"] == [1, 2]
+    assert plan["parallel"] == "DataParallel"
+    assert plan["ignored_gpus"] == ["GPU 0 NVIDIA RTX A6000"]
+    assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.5}
+    assert "CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2" in torchrun_hint(plan)
+
+
+def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
+    plan = make_plan(gpus(RTX3090))
+    assert plan["device"] == "cuda:0" and plan["parallel"] == "none"
+    assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0}
+    assert plan["batch_size"] == 1024 and plan["lr"] == pytest.approx(1.5)
+    assert plan["precision"] == "bf16"
+    assert torchrun_hint(plan) is None
+
+
+def test_single_large_gpu_gets_the_wider_network():
+    plan = make_plan(gpus(H100))
+    assert plan["model_kwargs"] == {"width_mult": 1.5}
+    assert plan["batch_size"] == 1024
+
+
+@pytest.mark.parametrize("count, width, batch", [(2, 1.5, 2048), (3, 2.5, 2048), (4, 2.5, 2048)])
+def test_identical_gpus(count, width, batch):
+    plan = make_plan(gpus(*[RTX3090] * count))
+    assert plan["device_ids"] == list(range(count))
+    assert plan["device"] == "cuda:0"
+    assert plan["parallel"] == "DataParallel"
+    assert plan["model_kwargs"] == {"width_mult": width}
+    assert plan["batch_size"] == batch
+    assert plan["lr"] == pytest.approx(lr_for_batch(batch))
+    assert plan["ignored_gpus"] == []
+
+
+def test_eight_mixed_gpus_keep_the_most_common_model():
+    hw = gpus(A100_40, RTX3090, A100_40, RTX3090, RTX3090, A6000, RTX3090, A100_40)
+    plan = make_plan(hw)
+    assert plan["device_ids"] == [1, 3, 4, 6]
+    assert plan["device"] == "cuda:1"
+    assert len(plan["ignored_gpus"]) == 4
+    assert plan["model_kwargs"] == {"width_mult": 2.5}  # 4 GPUs, 96 GB
+
+
+def test_tie_between_gpu_models_goes_to_more_memory():
+    plan = make_plan(gpus(RTX3090, A6000))
+    assert plan["device_ids"] == [1] and plan["gpu_name"] == "NVIDIA RTX A6000"
+    assert plan["model_kwargs"] == {"width_mult": 1.5}  # 48 GB
+
+
+def test_small_4gb_gpu_gets_the_small_network_and_batch():
+    plan = make_plan(gpus(T4_4GB))
+    assert plan["model"] == "SmallCifarNet"
+    assert plan["batch_size"] == 512
+
+
+def test_old_gpus_without_bf16_use_fp16_with_scaler():
+    hw = Hardware((GPU(0, "Tesla V100", 16, bf16=False),), cpu_count=8)
+    assert make_plan(hw)["precision"] == "fp16"
+
+
+def test_no_gpu_trains_on_cpu_in_fp32():
+    plan = make_plan(Hardware((), cpu_count=2))
+    assert plan["device"] == "cpu" and plan["device_ids"] == [] and plan["parallel"] == "none"
+    assert plan["precision"] == "fp32"
+    assert plan["threads"] == 2
+    assert plan["model"] == "SmallCifarNet"
+
+
+def test_user_overrides_win_and_the_lr_follows_the_users_batch():
+    plan = make_plan(gpus(RTX3090), epochs=3, batch_size=256)
+    assert plan["epochs"] == 3 and plan["batch_size"] == 256
+    assert plan["lr"] == pytest.approx(1.5 / 4)
+    assert plan["reasons"]["epochs"] == "set by --epochs"
+    plan = make_plan(gpus(RTX3090), lr=0.1, weight_decay=0.0)
+    assert plan["lr"] == 0.1 and plan["weight_decay"] == 0.0
+
+
+def test_disable_auto_uses_documented_defaults_and_the_first_gpu():
+    plan = make_plan(gpus(A6000, RTX3090, RTX3090), batch_size=128, lr=0.01, disable_auto=True)
+    assert plan["device"] == "cuda:0" and plan["parallel"] == "none"
+    assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0}
+    assert plan["batch_size"] == 128 and plan["lr"] == 0.01 and plan["epochs"] == 10
+
+
+def test_model_flags_override_the_tier():
+    assert make_plan(Hardware((), 2), width_mult=0.5)["model_kwargs"] == {"width_mult": 0.5}
+    assert make_plan(gpus(RTX3090), model="SmallCifarNet")["model"] == "SmallCifarNet"
+
+
+def test_plan_is_pure():
+    hw = gpus(A6000, RTX3090, RTX3090)
+    assert make_plan(hw) == make_plan(hw)
+
+
+def test_parse_simulated_gpus():
+    hw = parse_simulated_gpus("NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24, NVIDIA GeForce RTX 3090:24", 8)
+    assert [g.name for g in hw.gpus] == ["NVIDIA RTX A6000", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3090"]
+    assert [g.memory_gb for g in hw.gpus] == [48, 24, 24]
+    assert hw.simulated
+    assert parse_simulated_gpus("Tesla V100:16:7.0", 8).gpus[0].bf16 is False
+
+
+@pytest.mark.parametrize("spec", ["", "RTX 3090", "RTX:abc", ":24", "RTX:-1", "RTX:24:x", "a:1:2:3"])
+def test_malformed_simulated_gpus_are_refused(spec):
+    with pytest.raises(UserError, match="--simulate-gpus"):
+        parse_simulated_gpus(spec, 8)

@@ -1,0 +1,81 @@
+"""End-to-end runs of the real trainer on tiny generated data."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_trainer
+from models import MODELS
+from train import evaluate, load_cifar10, load_trained_model
+
+TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run_trainer("--epochs", 2, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_two_epoch_run_writes_all_outputs(two_epoch_run):
+    out, result = two_epoch_run
+    assert "--- [1/10] Starting ---" in result.stdout
+    assert "[hardware] GPUs: 0" in result.stdout
+    assert "Epoch [2/2] | Batch [10/10] | Loss:" in result.stdout
+    for name in ["best_model.pth", "last.pth", "training_history.json", "training_curves.png"]:
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_history_records_plan_args_and_every_epoch(two_epoch_run):
+    out, _ = two_epoch_run
+    history = json.loads((out / "training_history.json").read_text())
+    assert history["plan"]["batch_size"] == 100 and history["plan"]["epochs"] == 2
+    assert history["args"]["seed"] == 1
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2]
+    for row in history["epochs"]:
+        for key in ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s",
+                    "peak_memory_gb"]:
+            assert row[key] >= 0, key
+    assert history["epochs"][-1]["test_acc"] > 30  # the tiny classes are easy: far above 10% chance
+
+
+def test_best_model_reloads_and_reproduces_its_recorded_accuracy(two_epoch_run, tiny_data):
+    out, _ = two_epoch_run
+    checkpoint = torch.load(out / "best_model.pth", weights_only=True)
+    assert checkpoint["model_name"] in MODELS
+    assert checkpoint["class_names"][0] == "airplane" and len(checkpoint["normalization"]["mean"]) == 3
+    model, checkpoint = load_trained_model(out / "best_model.pth")
+    _, _, test_x, test_y = load_cifar10(tiny_data, download=False)
+    assert evaluate(model, test_x, test_y, tta=0)[1] == pytest.approx(checkpoint["test_acc"])
+    assert evaluate(model, test_x, test_y, tta=checkpoint["tta_level"])[1] == pytest.approx(checkpoint["test_acc_tta"])
+    history = json.loads((out / "training_history.json").read_text())
+    assert history["final"]["test_acc_tta"] == pytest.approx(checkpoint["test_acc_tta"])
+    best_row = max(history["epochs"], key=lambda r: r["test_acc"])
+    assert checkpoint["epoch"] == best_row["epoch"] and checkpoint["test_acc"] == best_row["test_acc"]
+
+
+def test_dry_run_touches_no_data(tmp_path):
+    result = run_trainer("--dry-run", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "out")
+    assert result.returncode == 0
+    assert "[plan] model: SmallCifarNet" in result.stdout
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "out").exists()
+
+
+def test_simulated_gpus_print_the_plan_for_that_machine(tmp_path):
+    result = run_trainer("--simulate-gpus", "NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24,NVIDIA GeForce RTX 3090:24")
+    assert result.returncode == 0, result.stderr
+    assert "[gpu] using NVIDIA GeForce RTX 3090 x2 (ignored: GPU 0 NVIDIA RTX A6000)" in result.stdout
+    assert "[plan] device: cuda:1" in result.stdout
+    assert "DataParallel over devices [1, 2]" in result.stdout
+
+
+def test_help_documents_every_flag():
+    result = run_trainer("--help")
+    assert result.returncode == 0
+    for flag in ["--epochs", "--batch-size", "--lr", "--weight-decay", "--num-workers", "--data-dir", "--out-dir",
+                 "--disable-auto", "--dry-run", "--simulate-gpus", "--resume", "--seed", "--tta", "--model"]:
+        assert flag in result.stdout, flag
