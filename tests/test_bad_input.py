@@ -1,0 +1,128 @@
+"""Every bad input gets one clear paragraph, exit code 2, no traceback, and damages nothing."""
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_trainer
+from tiny_cifar import write_batch, write_tiny_cifar
+
+
+def break_truncated(folder):
+    path = folder / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def break_not_pickle(folder):
+    (folder / "test_batch").write_bytes(b"\x00\x01 definitely not a pickle")
+
+
+def break_wrong_shape(folder):
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": np.zeros((20, 3, 32), np.uint8), "labels": [0] * 20}, f)
+
+
+def break_labels(folder):
+    write_batch(folder / "data_batch_4", np.full(20, -1), np.zeros((20, 3, 32, 32), np.uint8))
+
+
+def break_empty(folder):
+    shutil.rmtree(folder)
+    folder.mkdir()
+
+
+def break_missing(folder):
+    shutil.rmtree(folder.parent)
+
+
+DATA_CASES = {
+    "missing data folder, offline": (break_missing, "downloading it from"),
+    "empty data folder, offline": (break_empty, "downloading it from"),
+    "truncated batch file": (break_truncated, "data_batch_2 is truncated or not a CIFAR-10 pickle"),
+    "not a pickle": (break_not_pickle, "test_batch is truncated or not a CIFAR-10 pickle"),
+    "wrong shape": (break_wrong_shape, "data_batch_1 is not valid: its images have shape"),
+    "labels out of range": (break_labels, "labels range over -1..-1, expected 0..9"),
+}
+
+
+@pytest.fixture
+def previous_run(tmp_path):
+    """A run folder with files from an earlier run; bad inputs must leave them byte for byte."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "best_model.pth").write_bytes(b"earlier weights")
+    (out / "training_history.json").write_text('{"earlier": true}')
+    return out
+
+
+def assert_refused(result, message, previous_run=None):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    if previous_run is not None:
+        assert (previous_run / "best_model.pth").read_bytes() == b"earlier weights"
+        assert (previous_run / "training_history.json").read_text() == '{"earlier": true}'
+        assert sorted(p.name for p in previous_run.iterdir()) == ["best_model.pth", "training_history.json"]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data(case, tmp_path, previous_run, monkeypatch):
+    breaker, message = DATA_CASES[case]
+    folder = write_tiny_cifar(tmp_path / "data", per_batch=20, test_size=20)
+    breaker(folder)
+    monkeypatch.setenv("CIFAR10_URL", (tmp_path / "offline.tar.gz").as_uri())  # never touch the network
+    result = run_trainer("--epochs", 1, "--data-dir", tmp_path / "data", "--out-dir", previous_run)
+    assert_refused(result, message, previous_run)
+
+
+FLAG_CASES = {
+    "epochs 0": (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    "epochs negative": (["--epochs", "-3"], "--epochs must be at least 1, got -3"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    "lr negative": (["--lr", "-0.1"], "--lr must be a positive finite number"),
+    "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    "malformed simulate-gpus": (["--simulate-gpus", "RTX 3090"], "--simulate-gpus could not read 'RTX 3090'"),
+    "simulate-gpus bad memory": (["--simulate-gpus", "A100:lots"], "--simulate-gpus could not read"),
+    "unknown flag": (["--epochz", "3"], "unrecognized arguments: --epochz"),
+    "bad flag value": (["--epochs", "ten"], "invalid int value: 'ten'"),
+}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_bad_flags(case, previous_run):
+    args, message = FLAG_CASES[case]
+    assert_refused(run_trainer(*args, "--out-dir", previous_run), message, previous_run)
+
+
+def test_out_dir_that_is_a_file(tmp_path, tiny_data):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert_refused(run_trainer("--data-dir", tiny_data, "--out-dir", target), "is a file, not a folder")
+    assert target.read_text() == "keep me"
+
+
+def test_resume_of_missing_checkpoint(tmp_path, previous_run):
+    result = run_trainer("--resume", tmp_path / "nope" / "last.pth", "--out-dir", previous_run)
+    assert_refused(result, "no checkpoint at", previous_run)
+
+
+def test_resume_of_run_folder_without_last_checkpoint(previous_run):
+    assert_refused(run_trainer("--resume", "--out-dir", previous_run), "no checkpoint at", previous_run)
+
+
+def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
+    import torch
+
+    weights_only = tmp_path / "best_model.pth"
+    torch.save({"state_dict": {}, "model_name": "SmallCifarNet"}, weights_only)
+    assert_refused(run_trainer("--resume", weights_only, "--out-dir", previous_run),
+                   "is not a training checkpoint of this trainer", previous_run)
+    other_dataset = tmp_path / "other.pth"
+    torch.save({"kind": "cifar10-trainer-state", "dataset": "CIFAR-100"}, other_dataset)
+    assert_refused(run_trainer("--resume", other_dataset, "--out-dir", previous_run),
+                   "is not a training checkpoint of this trainer", previous_run)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert_refused(run_trainer("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
