@@ -709,8 +709,9 @@ def parse_args(argv=None):
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
                    help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts")
     p.add_argument("--seed", type=int, default=None, help="random seed; fixes a CPU run exactly (default: random)")
-    p.add_argument("--data-dir", type=Path, default=Path(DEFAULT_DATA_DIR),
-                   help=f"folder holding {CIFAR10_FOLDER}/; downloaded there if missing")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"folder holding {CIFAR10_FOLDER}/, downloaded there if missing "
+                        f"(default: {DEFAULT_DATA_DIR}, or the resumed run's)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help=f"folder for the run's outputs (default: {DEFAULT_OUT_DIR}, or the folder of --resume PATH)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -803,6 +804,8 @@ def main(argv=None):
     resume_state = load_resume_state(args) if args.resume is not None else None
     if resume_state is not None:
         plan = resume_state["plan"]
+        check_resume_matches_flags(args, resume_state)
+        args.data_dir = args.data_dir or Path(resume_state["data_dir"])
         print(f"[resume] continuing {args.resume_path} from epoch {resume_state['epoch'] + 1}, "
               f"batch {resume_state['batch_in_epoch']}")
     else:
@@ -815,6 +818,7 @@ def main(argv=None):
         print("[dry-run] nothing trained, no data touched")
         return 0
 
+    args.data_dir = args.data_dir or Path(DEFAULT_DATA_DIR)
     prepare_out_dir(args.out_dir)
     torch.set_num_threads(plan["threads"])
     device = torch.device(plan["device"])
@@ -830,7 +834,7 @@ def main(argv=None):
           f"in {time.time() - t0:.1f}s")
 
     run = Run()
-    run.plan, run.device, run.seed = plan, device, seed
+    run.plan, run.device, run.seed, run.data_dir = plan, device, seed, args.data_dir.resolve()
     stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -944,6 +948,7 @@ def training_state(run, epoch):
     return {
         "kind": "cifar10-trainer-state",
         "dataset": "CIFAR-10",
+        "data_dir": str(run.data_dir),
         "plan": run.plan,
         "seed": run.seed,
         "epoch": epoch,
@@ -961,9 +966,25 @@ def training_state(run, epoch):
         "best_acc": run.best_acc,
         "best_epoch": run.best_epoch,
         "history": run.history,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1],
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": rng_states(),
     }
+
+
+def rng_states():
+    """Every global RNG, in types that torch.load(weights_only=True) accepts."""
+    _, numpy_keys, numpy_pos, *_ = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "numpy_pos": int(numpy_pos), "python": list(python_state),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"]))
+    random.setstate((3, tuple(states["python"]), None))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def load_resume_state(args):
@@ -983,6 +1004,20 @@ def load_resume_state(args):
     return state
 
 
+def check_resume_matches_flags(args, state):
+    """A resumed run keeps its plan: flags that would change it are refused, not silently ignored."""
+    plan = state["plan"]
+    given = {"--epochs": (args.epochs, plan["epochs"]), "--batch-size": (args.batch_size, plan["batch_size"]),
+             "--lr": (args.lr, plan["lr"]), "--weight-decay": (args.weight_decay, plan["weight_decay"]),
+             "--model": (args.model, plan["model"]), "--seed": (args.seed, state["seed"]),
+             "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult"))}
+    for flag, (value, planned) in given.items():
+        if value is not None and value != planned:
+            raise UserError(f"--resume: {args.resume_path} is a run with {flag} {planned}, but {flag} {value} was "
+                            f"given. A resumed run keeps its plan; drop {flag}, or start a new run in another "
+                            f"--out-dir.")
+
+
 def restore_run(run, state):
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -996,7 +1031,7 @@ def restore_run(run, state):
     run.epoch_seconds = state["epoch_seconds"]
     run.epoch_rng = state["data_rng"]
     run.train_batches.generator.set_state(state["data_rng"])
-    torch.set_rng_state(state["rng"]["torch"])
+    restore_rng_states(state["rng"])
     run.history = state["history"]
 
 

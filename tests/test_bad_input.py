@@ -126,3 +126,13 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     assert_refused(run_trainer("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
+
+
+def test_resume_with_a_different_model_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run_trainer("--epochs", 1, "--batch-size", 500, "--model", "SmallCifarNet", "--tta", 0,
+                       "--data-dir", tiny_data, "--out-dir", out).returncode == 0
+    before = (out / "last.pth").read_bytes()
+    result = run_trainer("--resume", "--out-dir", out, "--model", "PowerCifarNet", "--data-dir", tiny_data)
+    assert_refused(result, "is a run with --model SmallCifarNet, but --model PowerCifarNet was given")
+    assert (out / "last.pth").read_bytes() == before

@@ -1,0 +1,100 @@
+"""Resumable, interrupt-safe training: the real trainer, killed and resumed on tiny data."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_trainer
+
+TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--tta", "0"]
+
+
+def start_trainer(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def wait_for_line(process, text, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return
+        if not line and process.poll() is not None:
+            raise AssertionError(f"trainer exited before printing {text!r}: {process.stderr.read()}")
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def epoch_numbers(out):
+    return [(row["epoch"], row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"])
+            for row in json.loads((out / "training_history.json").read_text())["epochs"]]
+
+
+def final_weights(out):
+    return torch.load(out / "last.pth", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_seed_makes_a_cpu_run_reproducible(uninterrupted, tiny_data, tmp_path):
+    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    assert result.returncode == 0, result.stderr
+    assert epoch_numbers(tmp_path) == epoch_numbers(uninterrupted)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_and_resume_matches_the_uninterrupted_run(uninterrupted, tiny_data, tmp_path, sig, code):
+    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    wait_for_line(process, "[epoch 1/3]")
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert f"Resume with: python train.py --resume {tmp_path / 'last.pth'}" in stderr
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert 1 <= state["epoch"] < 3
+
+    result = run_trainer("--resume", tmp_path / "last.pth")  # the out dir defaults to the checkpoint's folder
+    assert result.returncode == 0, result.stderr
+    assert "[resume] continuing" in result.stdout
+    assert epoch_numbers(tmp_path) == epoch_numbers(uninterrupted)
+    expected = final_weights(uninterrupted)
+    for name, tensor in final_weights(tmp_path).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
+    rng = random.Random(0)
+    epochs = 4
+    for attempt in range(4):
+        resume = ["--resume"] if (tmp_path / "last.pth").exists() else []
+        process = start_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
+                                *TINY, *resume)
+        wait_for_line(process, "--- [6/10]")
+        time.sleep(rng.uniform(0.2, 2.5))
+        process.kill()
+        process.communicate()
+        for path in tmp_path.iterdir():  # whatever the moment, every file there is whole
+            if path.suffix == ".pth":
+                torch.load(path, weights_only=True)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+    resume = ["--resume"] if (tmp_path / "last.pth").exists() else []
+    result = run_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
+                         *resume)
+    assert result.returncode == 0, result.stderr
+    assert [row[0] for row in epoch_numbers(tmp_path)] == list(range(1, epochs + 1))
+    assert not list(tmp_path.glob(".*.tmp"))
+    torch.load(tmp_path / "best_model.pth", weights_only=True)
