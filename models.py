@@ -94,10 +94,10 @@ class CifarNet(nn.Module):
 
 
 class SmallCifarNet(CifarNet):
-    """The light network for CPUs and small GPUs."""
+    """The light network for CPUs and small GPUs: PowerCifarNet(0.5), measured best per CPU-second."""
 
     def __init__(self, num_classes=10):
-        super().__init__(widths=(32, 64, 128), num_classes=num_classes)
+        super().__init__(widths=(32, 128, 128), num_classes=num_classes)
 
 
 class PowerCifarNet(CifarNet):

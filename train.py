@@ -721,6 +721,8 @@ def parse_args(argv=None):
                         "augmented there in batches, so there are no loader workers")
     p.add_argument("--log-every", type=int, default=None,
                    help="print a progress line every N batches (default: about 4 per epoch)")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: use the GPUs the plan picks; cpu: plan and train as if no GPU were present")
     p.add_argument("--disable-auto", action="store_true",
                    help="no automatic choices: first GPU or CPU, PowerCifarNet(1.0), batch 1024, 10 epochs, "
                         "lr by the linear rule, unless given")
@@ -796,6 +798,8 @@ def main(argv=None):
     if args.simulate_gpus is not None:
         hw = parse_simulated_gpus(args.simulate_gpus, os.cpu_count() or 1)
         args.dry_run = True
+    elif args.device == "cpu":
+        hw = Hardware((), os.cpu_count() or 1)
     else:
         hw = detect_hardware()
     print_hardware(hw)
