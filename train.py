@@ -10,6 +10,7 @@ The training recipe follows airbench (Keller Jordan, 2024); each trick is commen
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -60,6 +61,8 @@ LOOKAHEAD_EVERY = 5  # steps between averaging updates
 TRANSLATE_PIXELS = 2  # random translation of up to 2 pixels (reflect padding)
 EVAL_BATCH_SIZE = 2000
 MIN_FREE_DISK_MB = 50
+MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declared diverged
+MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 
 DEFAULT_OUT_DIR = "runs/cifar10_optimized"
 DEFAULT_DATA_DIR = "data"
@@ -67,12 +70,17 @@ DEFAULT_DATA_DIR = "data"
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, batch_size=1024, epochs=10)
 
 EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
 class UserError(Exception):
     """A problem the user can fix: printed as one paragraph, exit code 2, no traceback."""
+
+
+class TrainingFailed(Exception):
+    """Training cannot go on (diverged, out of memory at the smallest batch): exit code 3, outputs kept."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +187,12 @@ def lr_for_batch(batch_size):
 
 
 def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False,
-              model=None, width_mult=None):
-    """Decide devices, model, batch size, learning rate, epochs and precision, each with its reason."""
+              model=None, width_mult=None, world_size=1, local_rank=0, local_world_size=1):
+    """Decide devices, model, batch size, learning rate, epochs and precision, each with its reason.
+
+    Under torchrun (world_size > 1) the plan is for one rank: its device is GPU local_rank (or the
+    CPU), and batch_size is the global batch, split evenly over the ranks.
+    """
     reasons = {}
     if hw.gpus:
         if disable_auto:
@@ -206,7 +218,13 @@ def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disa
         else:
             per_gpu = 1024 if min(g.memory_gb for g in group) >= 8 else 512
             # Keep at most 2048 per step: a short schedule needs enough steps to converge.
-            tier_batch = min(2048, per_gpu * len(group))
+            tier_batch = min(2048, per_gpu * max(len(group), world_size))
+    if world_size > 1:
+        group = check_rank_gpu(hw, group, local_rank)
+        ignored = []
+        reasons["devices"] = (f"torchrun: rank on GPU {local_rank}" if group else "torchrun: ranks on the CPU (gloo)") \
+            + f", {world_size} ranks"
+        tier_batch -= tier_batch % world_size
 
     if model is not None or width_mult is not None:
         tier_model = model or ("PowerCifarNet" if width_mult is not None else tier_model)
@@ -236,11 +254,34 @@ def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disa
         plan["precision"] = "fp32"
         reasons["precision"] = "fp32: CPUs without bf16 units run half precision slower, not faster"
     plan["parallel"] = "DataParallel" if len(group) > 1 else "none"
+    plan["world_size"] = world_size
+    if world_size > 1:
+        plan["parallel"] = "DistributedDataParallel"
+        if plan["batch_size"] % world_size:
+            raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
+                            f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["channels_last"] = True  # measured 1.25x faster on CPU; the tensor-core layout on GPU
-    plan["threads"] = hw.cpu_count
-    reasons["threads"] = "one intra-op thread per core; the data pipeline needs no loader workers"
+    plan["threads"] = max(1, hw.cpu_count // local_world_size)
+    reasons["threads"] = "one intra-op thread per core (shared among this machine's ranks); no loader workers needed"
     plan["reasons"] = reasons
     return plan
+
+
+def check_rank_gpu(hw, group, local_rank):
+    """Under torchrun each rank takes GPU local_rank; it must be of the node's chosen model."""
+    if not hw.gpus:
+        return []
+    if local_rank >= len(hw.gpus):
+        raise UserError(f"LOCAL_RANK {local_rank} has no GPU: only {len(hw.gpus)} are visible. Start torchrun with "
+                        f"--nproc_per_node={len(group)} or fewer.")
+    mine = hw.gpus[local_rank]
+    if mine.name != group[0].name:
+        ids = ",".join(str(g.index) for g in group)
+        raise UserError(f"Rank with LOCAL_RANK {local_rank} would train on GPU {local_rank} ({mine.name}), but this "
+                        f"machine trains on its {len(group)} x {group[0].name}; mixed GPUs make every rank wait for "
+                        f"the slowest. Restart with CUDA_VISIBLE_DEVICES={ids} torchrun --nproc_per_node={len(group)} "
+                        f"... so that every rank gets a {group[0].name}.")
+    return [mine]
 
 
 def _given_or(value, default, flag, why):
@@ -254,7 +295,7 @@ def torchrun_hint(plan):
     return f"CUDA_VISIBLE_DEVICES={ids} torchrun --standalone --nproc_per_node={len(plan['device_ids'])} train.py"
 
 
-def print_plan(plan, model_info=None):
+def print_plan(plan):
     r = plan["reasons"]
     if plan["device_ids"]:
         print(f"[gpu] using {plan['gpu_name']} x{len(plan['device_ids'])}"
@@ -262,9 +303,8 @@ def print_plan(plan, model_info=None):
     print(f"[plan] device: {plan['device']} ({r['devices']})")
     kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
     print(f"[plan] model: {plan['model']}({kwargs}) ({r['model']})")
-    if model_info:
-        print(f"[model] {plan['model']}({kwargs}), {model_info['parameters']:,} parameters, "
-              f"{model_info['macs'] / 1e6:.0f}M multiply-adds per image")
+    print(f"[model] {plan['model']}({kwargs}), {plan['model_parameters']:,} parameters, "
+          f"{plan['model_macs_per_image'] / 1e6:.0f}M multiply-adds per image")
     print(f"[plan] batch size: {plan['batch_size']} ({r['batch_size']})")
     print(f"[plan] learning rate: {plan['lr']:.4g} ({r['lr']})")
     print(f"[plan] weight decay: {plan['weight_decay']:.4g} ({r['weight_decay']})")
@@ -274,6 +314,9 @@ def print_plan(plan, model_info=None):
     if plan["parallel"] == "DataParallel":
         print(f"[plan] parallel: DataParallel over devices {plan['device_ids']}")
         print(f"[plan] for DistributedDataParallel instead: {torchrun_hint(plan)}")
+    elif plan["parallel"] == "DistributedDataParallel":
+        print(f"[plan] parallel: DistributedDataParallel, {plan['world_size']} ranks, "
+              f"{plan['batch_size'] // plan['world_size']} images per rank per step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,11 +450,15 @@ class TrainBatches:
     Flips alternate: each image is flipped in epoch 0 with probability 1/2, and every later epoch
     flips exactly the images the previous epoch did not. Every image is seen both ways in any two
     consecutive epochs, which beats independent random flips in short runs (airbench).
+
+    Under torchrun every rank draws the same permutation (same seed) and takes its own slice of each
+    global batch, so the ranks' shards are disjoint and together make exactly one global batch.
     """
 
-    def __init__(self, images, labels, batch_size, seed, channels_last):
+    def __init__(self, images, labels, batch_size, seed, channels_last, rank=0, world_size=1):
         self.images, self.labels = images, labels
         self.batch_size = batch_size
+        self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.channels_last = channels_last
         flip_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.first_flips = (torch.rand(len(images), generator=flip_gen) < 0.5).to(images.device)
@@ -428,7 +475,7 @@ class TrainBatches:
                                generator=self.generator)
         flips = self.first_flips ^ bool(epoch % 2)
         for b in range(skip, len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            index = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank_slice]
             inputs = normalize(self.images[index])
             inputs = torch.where(flips[index].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
             inputs = translate_batch(inputs, shifts[index])
@@ -517,6 +564,62 @@ class StopRequest:
               f"interrupt again to exit at once", file=sys.stderr)
 
 
+class Dist:
+    """Who this process is under torchrun (rank 0 of 1 without it), and the few collectives the loop needs."""
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, local_world_size=1):
+        self.rank, self.world_size = rank, world_size
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+        self.is_main = rank == 0
+
+    @classmethod
+    def from_environment(cls):
+        env = os.environ
+        if int(env.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                   int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+
+    def init_process_group(self, plan):
+        if self.world_size > 1:
+            backend = "nccl" if plan["device"].startswith("cuda") else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(plan["device"])
+            torch.distributed.init_process_group(backend)
+
+    def close(self):
+        if self.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+    def barrier(self):
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, tensor):
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag, device):
+        """True on every rank if flag is true on any: ranks must agree before they stop."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor(float(flag), device=device)).item())
+
+    def broadcast_int(self, value):
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @torch.no_grad()
+    def sync_state_from_main(self, model):
+        if self.world_size > 1:
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+
 def train_one_epoch(run, epoch, skip=0):
     """Train one epoch (from batch `skip` on). Returns False if a stop was requested mid-epoch."""
     model, optimizer, plan = run.model, run.optimizer, run.plan
@@ -549,13 +652,16 @@ def train_one_epoch(run, epoch, skip=0):
         run.batch_in_epoch = b + 1
         if bar is not None:
             bar.update(1)
+        # Counted on the device, checked at log points: no per-step synchronisation on GPU.
+        run.nonfinite_steps = torch.where(torch.isfinite(loss.detach()), 0, run.nonfinite_steps + 1)
         if (b + 1) % run.log_every == 0 or b + 1 == steps_per_epoch:
+            check_finite(run)
             loss_sum, correct, seen = run.epoch_sums.tolist()
             line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
                     f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}% | "
                     f"LR: {optimizer.param_groups[1]['lr']:.4f} | {run.mem_label}: {memory_gb(run.device):.1f}GB")
             (bar.write if bar is not None else print)(line)
-        if run.stop.signal is not None and b + 1 < steps_per_epoch:
+        if run.dist.any(run.stop.signal is not None, run.device) and b + 1 < steps_per_epoch:
             if bar is not None:
                 bar.close()
             return False
@@ -564,6 +670,19 @@ def train_one_epoch(run, epoch, skip=0):
     if run.lookahead is not None:
         run.lookahead.update(run.net, decay=1.0)  # end each epoch on the averaged weights
     return True
+
+
+def check_finite(run):
+    """Stop if the loss has been NaN or infinite for several steps in a row: training has diverged.
+
+    With fp16 a few non-finite steps are normal (the gradient scaler skips them and lowers its scale).
+    """
+    streak = int(run.nonfinite_steps.item())
+    if streak >= MAX_NONFINITE_STEPS:
+        raise TrainingFailed(
+            f"The loss has been NaN or infinite for {streak} steps in a row at step {run.step}: training diverged. "
+            f"The best model so far and last.pth (the last completed epoch) are kept. Try a lower learning rate, "
+            f"e.g. --lr {run.plan['lr'] / 4:.4g} (now {run.plan['lr']:.4g}), in a new --out-dir.")
 
 
 def make_progress_bar(total, initial, epoch, epochs):
@@ -592,18 +711,26 @@ def predict(model, inputs, tta):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, tta=0, autocast_dtype=None):
-    """Mean loss and accuracy (%) over the whole set, in batches."""
+def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
+    """Mean loss and accuracy (%) over the whole set. Under torchrun each rank takes a shard and the
+    sums are added across ranks, so the result is exact and the same on every rank."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    n = len(images)
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    shard = slice(rank * n // world, (rank + 1) * n // world)
+    images, labels = images[shard], labels[shard]
+    sums = torch.zeros(2, device=images.device, dtype=torch.float64)
     for start in range(0, len(images), EVAL_BATCH_SIZE):
         inputs = normalize(images[start:start + EVAL_BATCH_SIZE]).contiguous(memory_format=torch.channels_last)
         targets = labels[start:start + EVAL_BATCH_SIZE]
         with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = predict(model, inputs, tta).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(1) == targets).sum().item()
-    return loss_sum / len(images), 100.0 * correct / len(images)
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+        sums[1] += (logits.argmax(1) == targets).sum()
+    if dist:
+        dist.all_reduce_sum(sums)
+    loss_sum, correct = sums.tolist()
+    return loss_sum / n, 100.0 * correct / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +793,7 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
-def best_model_payload(run, epoch, test_acc, test_acc_tta=None):
+def best_model_payload(run, epoch, test_acc, test_acc_tta=None, tta_level=None):
     """The user-facing checkpoint: weights plus everything needed to rebuild and use the model."""
     return {
         "state_dict": {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()},
@@ -677,6 +804,7 @@ def best_model_payload(run, epoch, test_acc, test_acc_tta=None):
         "epoch": epoch,
         "test_acc": test_acc,
         "test_acc_tta": test_acc_tta,
+        "tta_level": tta_level,
     }
 
 
@@ -695,8 +823,7 @@ def load_trained_model(path):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a CIFAR-10 classifier with a plan chosen for this machine. "
-                    "With no flags it does the whole job; flags override the plan.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "With no flags it does the whole job; flags override the plan.")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the plan's, per device tier)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step, across all GPUs (default: the plan's: 512 on CPU, 1024 per GPU up to 2048)")
@@ -707,7 +834,8 @@ def parse_args(argv=None):
     p.add_argument("--width-mult", type=float, default=None,
                    help="PowerCifarNet channel multiplier; 1.0 = widths 64/256/256 (default: the plan's)")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
-                   help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts")
+                   help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
+                        "(default: 2)")
     p.add_argument("--seed", type=int, default=None, help="random seed; fixes a CPU run exactly (default: random)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"folder holding {CIFAR10_FOLDER}/, downloaded there if missing "
@@ -718,11 +846,12 @@ def parse_args(argv=None):
                    help="continue a run from PATH, or from OUT_DIR/last.pth when no PATH is given")
     p.add_argument("--num-workers", type=int, default=0,
                    help="accepted for compatibility and ignored: the data lives on the training device and is "
-                        "augmented there in batches, so there are no loader workers")
+                        "augmented there in batches, so there are no loader workers (default: 0)")
     p.add_argument("--log-every", type=int, default=None,
                    help="print a progress line every N batches (default: about 4 per epoch)")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto",
-                   help="auto: use the GPUs the plan picks; cpu: plan and train as if no GPU were present")
+                   help="auto: use the GPUs the plan picks; cpu: plan and train as if no GPU were present "
+                        "(default: auto)")
     p.add_argument("--disable-auto", action="store_true",
                    help="no automatic choices: first GPU or CPU, PowerCifarNet(1.0), batch 1024, 10 epochs, "
                         "lr by the linear rule, unless given")
@@ -794,7 +923,44 @@ def stage(n, text):
 
 def main(argv=None):
     args = parse_args(argv)
+    dist = Dist.from_environment()
+    if not dist.is_main:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints; errors still reach stderr
     stage(1, "Starting")
+    hw = find_hardware(args)
+    stage(2, "Planning")
+    plan, resume_state = plan_run(args, hw, dist)
+    if args.dry_run:
+        print("[dry-run] nothing trained, no data touched")
+        return 0
+    dist.init_process_group(plan)
+    if dist.is_main:
+        prepare_out_dir(args.out_dir)
+    torch.set_num_threads(plan["threads"])
+    seed = resume_state["seed"] if resume_state else (args.seed if args.seed is not None else random.randrange(2**31))
+    seed = dist.broadcast_int(seed)  # every rank must draw the same permutations
+    torch.manual_seed(seed)
+    stage(3, "Loading CIFAR-10")
+    data = load_data_to_device(args.data_dir, torch.device(plan["device"]), dist)
+    run = build_run(args, hw, plan, data, seed, dist)
+    if resume_state is not None:
+        restore_run(run, resume_state)
+        run.history["events"].append({"resumed": str(args.resume_path), "at_epoch": run.start_epoch,
+                                      "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    run.stop = StopRequest()
+    run.stop.install()
+    stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
+    if not train_loop(run, args, data):
+        code = EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
+        print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: "
+              f"python train.py --resume {args.out_dir / 'last.pth'} --out-dir {args.out_dir}", file=sys.stderr)
+        return code
+    finish_run(run, args, data)
+    dist.close()
+    return 0
+
+
+def find_hardware(args):
     if args.simulate_gpus is not None:
         hw = parse_simulated_gpus(args.simulate_gpus, os.cpu_count() or 1)
         args.dry_run = True
@@ -803,8 +969,11 @@ def main(argv=None):
     else:
         hw = detect_hardware()
     print_hardware(hw)
+    return hw
 
-    stage(2, "Planning")
+
+def plan_run(args, hw, dist):
+    """The plan: a resumed run's own, or a fresh one for this hardware and these flags."""
     resume_state = load_resume_state(args) if args.resume is not None else None
     if resume_state is not None:
         plan = resume_state["plan"]
@@ -814,31 +983,33 @@ def main(argv=None):
               f"batch {resume_state['batch_in_epoch']}")
     else:
         plan = make_plan(hw, args.epochs, args.batch_size, args.lr, args.weight_decay, args.disable_auto,
-                         args.model, args.width_mult)
-    probe_model = build_model(plan["model"], **plan["model_kwargs"])
-    model_info = {"parameters": count_parameters(probe_model), "macs": count_flops(probe_model)}
-    print_plan(plan, model_info)
-    if args.dry_run:
-        print("[dry-run] nothing trained, no data touched")
-        return 0
-
+                         args.model, args.width_mult, dist.world_size, dist.local_rank, dist.local_world_size)
     args.data_dir = args.data_dir or Path(DEFAULT_DATA_DIR)
-    prepare_out_dir(args.out_dir)
-    torch.set_num_threads(plan["threads"])
-    device = torch.device(plan["device"])
-    seed = resume_state["seed"] if resume_state else (args.seed if args.seed is not None else random.randrange(2**31))
-    torch.manual_seed(seed)
+    model = build_model(plan["model"], **plan["model_kwargs"])
+    plan["model_parameters"], plan["model_macs_per_image"] = count_parameters(model), count_flops(model)
+    print_plan(plan)
+    return plan, resume_state
 
-    stage(3, "Loading CIFAR-10")
+
+def load_data_to_device(data_dir, device, dist):
+    """The whole dataset, moved once to the training device. Rank 0 downloads if needed."""
     t0 = time.time()
-    train_images, train_labels, test_images, test_labels = load_cifar10(args.data_dir)
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
-    print(f"[data] {len(train_images)} training and {len(test_images)} test images on {device} "
-          f"in {time.time() - t0:.1f}s")
+    if dist.is_main:
+        data = load_cifar10(data_dir)
+        dist.barrier()
+    else:
+        dist.barrier()
+        data = load_cifar10(data_dir, download=False)
+    data = [t.to(device) for t in data]
+    print(f"[data] {len(data[0])} training and {len(data[2])} test images on {device} in {time.time() - t0:.1f}s")
+    return data
 
+
+def build_run(args, hw, plan, data, seed, dist):
+    train_images, train_labels, _, _ = data
+    device = torch.device(plan["device"])
     run = Run()
-    run.plan, run.device, run.seed, run.data_dir = plan, device, seed, args.data_dir.resolve()
+    run.plan, run.device, run.seed, run.data_dir, run.dist = plan, device, seed, args.data_dir.resolve(), dist
     stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -848,99 +1019,154 @@ def main(argv=None):
     if plan["parallel"] == "DataParallel":
         stage(5, f"DataParallel over devices {plan['device_ids']}")
         run.model = nn.DataParallel(run.net, device_ids=plan["device_ids"], output_device=plan["device_ids"][0])
+    elif plan["parallel"] == "DistributedDataParallel":
+        stage(5, f"DistributedDataParallel over {dist.world_size} ranks")
+        run.model = nn.parallel.DistributedDataParallel(run.net, device_ids=plan["device_ids"] or None)
     else:
         stage(5, "single device, no DataParallel")
     run.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"])
     run.scaler = torch.amp.GradScaler(device.type, enabled=plan["precision"] == "fp16")
     run.optimizer = make_optimizer(run.net, plan)
-    run.train_batches = TrainBatches(train_images, train_labels, plan["batch_size"], seed, plan["channels_last"])
-    if len(run.train_batches) == 0:
-        raise UserError(f"--batch-size {plan['batch_size']} is larger than the {len(train_images)} training images. "
-                        f"Choose a smaller --batch-size.")
-    run.total_steps = plan["epochs"] * len(run.train_batches)
-    run.log_every = args.log_every or max(1, len(run.train_batches) // 4)
+    run.log_every_flag = args.log_every
+    make_train_batches(run, train_images, train_labels)
     run.mem_label = "GPU Mem" if device.type == "cuda" else "Mem"
     run.lookahead = None
     run.step, run.start_epoch, run.batch_in_epoch = 0, 0, 0
     run.epoch_sums = torch.zeros(3, device=device)
-    run.best_acc, run.best_epoch = -1.0, None
+    run.nonfinite_steps = torch.zeros((), device=device)
+    run.best_acc, run.best_epoch, run.best_state = -1.0, None, None
     run.history = {"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
-               "model_parameters": model_info["parameters"], "model_macs_per_image": model_info["macs"],
-               "epochs": [], "events": []}
-    if resume_state is not None:
-        restore_run(run, resume_state)
-        run.history["events"].append({"resumed": str(args.resume_path), "at_epoch": run.start_epoch,
-                                      "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    history = run.history
-
-    run.stop = StopRequest()
-    run.stop.install()
-    stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
-    finished = train_loop(run, args, test_images, test_labels)
-    if not finished:
-        code = EXIT_SIGINT if run.stop.signal == signal.SIGINT else EXIT_SIGTERM
-        print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: "
-              f"python train.py --resume {args.out_dir / 'last.pth'} --out-dir {args.out_dir}", file=sys.stderr)
-        return code
-
-    stage(7, f"Evaluating the best epoch ({run.best_epoch}) with test-time augmentation level {args.tta}")
-    best = torch.load(args.out_dir / "best_model.pth", map_location=device, weights_only=True)
-    run.net.load_state_dict(best["state_dict"])
-    t0 = time.time()
-    _, tta_acc = evaluate(run.net, test_images, test_labels, args.tta, run.autocast_dtype)
-    best["test_acc_tta"], best["tta_level"] = tta_acc, args.tta
-    print(f"[eval] test accuracy {best['test_acc']:.2f}% plain, {tta_acc:.2f}% with TTA ({time.time() - t0:.1f}s)")
-
-    stage(8, "Saving")
-    save_checkpoint(best, args.out_dir / "best_model.pth")
-    history["final"] = {"best_epoch": run.best_epoch, "test_acc": best["test_acc"], "test_acc_tta": tta_acc,
-                        "tta_level": args.tta, "train_seconds": sum(r["seconds"] for r in history["epochs"]),
-                        "peak_memory_gb": max(r["peak_memory_gb"] for r in history["epochs"])}
-    save_json(history, args.out_dir / "training_history.json")
-    plot_curves(history, args.out_dir / "training_curves.png")
-    stage(9, f"Wrote best_model.pth, last.pth, training_history.json, training_curves.png to {args.out_dir}")
-    stage(10, f"Done: {tta_acc:.2f}% test accuracy (TTA {args.tta}), best epoch {run.best_epoch}")
-    return 0
+                   "epochs": [], "events": []}
+    return run
 
 
-def train_loop(run, args, test_images, test_labels):
+def make_train_batches(run, train_images, train_labels):
+    plan = run.plan
+    run.train_batches = TrainBatches(train_images, train_labels, plan["batch_size"], run.seed, plan["channels_last"],
+                                     run.dist.rank, run.dist.world_size)
+    if len(run.train_batches) == 0:
+        raise UserError(f"--batch-size {plan['batch_size']} is larger than the {len(train_images)} training images. "
+                        f"Choose a smaller --batch-size.")
+    run.total_steps = plan["epochs"] * len(run.train_batches)
+    run.log_every = run.log_every_flag or -(-len(run.train_batches) // 4)  # about 4 lines per epoch
+
+
+def train_loop(run, args, data):
     """Train epochs from where the run stands; evaluate and save after each. False if stopped early."""
-    plan, history = run.plan, run.history
-    for epoch in range(run.start_epoch, plan["epochs"]):
+    plan = run.plan
+    _, _, test_images, test_labels = data
+    epoch, epoch_start = run.start_epoch, None
+    while epoch < plan["epochs"]:
         t0 = time.time()
-        skip, run.batch_in_epoch = run.batch_in_epoch, run.batch_in_epoch
+        skip = run.batch_in_epoch
         if skip == 0:
             run.epoch_sums.zero_()
             run.epoch_rng = run.train_batches.generator.get_state()
             run.epoch_seconds = 0.0
-        completed = train_one_epoch(run, epoch, skip)
+            # A copy of the state at the epoch's start, to retry it after running out of memory.
+            # (Under torchrun the ranks cannot change their batch size on their own.)
+            epoch_start = copy_state(training_state(run, epoch)) if run.dist.world_size == 1 else None
+        try:
+            completed = train_one_epoch(run, epoch, skip)
+        except torch.OutOfMemoryError:
+            if epoch_start is None:
+                raise TrainingFailed(f"Out of GPU memory in epoch {epoch + 1} with batch size {plan['batch_size']}. "
+                                     f"last.pth holds the last completed epoch: start a new run with a smaller "
+                                     f"--batch-size, or free the GPU and --resume.") from None
+            back_off_batch_size(run, epoch_start, data)
+            continue
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         run.epoch_seconds += time.time() - t0
         if not completed:
-            save_checkpoint(training_state(run, epoch), args.out_dir / "last.pth")
-            save_json(history, args.out_dir / "training_history.json")
+            save_outputs(run, args, training_state(run, epoch))
             return False
+        run.dist.all_reduce_sum(run.epoch_sums)
+        run.dist.sync_state_from_main(run.net)  # BatchNorm statistics drift per rank; evaluate rank 0's
         loss_sum, correct, seen = run.epoch_sums.tolist()
-        test_loss, test_acc = evaluate(run.net, test_images, test_labels, 0, run.autocast_dtype)
+        test_loss, test_acc = evaluate(run.net, test_images, test_labels, 0, run.autocast_dtype, run.dist)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                "test_loss": test_loss, "test_acc": test_acc, "lr": run.optimizer.param_groups[1]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
                "peak_memory_gb": memory_gb(run.device), "batch_size": plan["batch_size"]}
-        history["epochs"].append(row)
+        run.history["epochs"].append(row)
         print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}% | "
               f"test loss {test_loss:.3f} acc {test_acc:.2f}% | {row['seconds']:.1f}s, "
               f"{row['images_per_s']:.0f} img/s, {run.mem_label} {row['peak_memory_gb']:.2f}GB", flush=True)
         run.batch_in_epoch = 0
+        epoch += 1
+        best = None
         if test_acc > run.best_acc:
-            run.best_acc, run.best_epoch = test_acc, epoch + 1
-            save_checkpoint(best_model_payload(run, epoch + 1, test_acc), args.out_dir / "best_model.pth")
-        save_checkpoint(training_state(run, epoch + 1), args.out_dir / "last.pth")
-        save_json(history, args.out_dir / "training_history.json")
-        plot_curves(history, args.out_dir / "training_curves.png")
-        if run.stop.signal is not None and epoch + 1 < plan["epochs"]:
+            run.best_acc, run.best_epoch = test_acc, epoch
+            best = best_model_payload(run, epoch, test_acc)
+            run.best_state = best["state_dict"]
+        save_outputs(run, args, training_state(run, epoch), best)
+        if run.dist.any(run.stop.signal is not None, run.device) and epoch < plan["epochs"]:
             return False
     return True
+
+
+def copy_state(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def save_outputs(run, args, state, best=None):
+    """Rank 0 writes; the best model first, so last.pth never points past a missing best."""
+    if not run.dist.is_main:
+        return
+    if best is not None:
+        save_checkpoint(best, args.out_dir / "best_model.pth")
+    save_checkpoint(state, args.out_dir / "last.pth")
+    save_json(run.history, args.out_dir / "training_history.json")
+    plot_curves(run.history, args.out_dir / "training_curves.png")
+
+
+def back_off_batch_size(run, epoch_start, data):
+    """Out of GPU memory: halve the batch (and, by the linear rule, the learning rate), retry the epoch."""
+    plan = run.plan
+    old_batch, new_batch = plan["batch_size"], plan["batch_size"] // 2
+    if new_batch < MIN_BATCH_SIZE:
+        raise TrainingFailed(f"Out of GPU memory even at batch size {old_batch}, below which training would be too "
+                             f"slow to be useful. Free the GPU (other processes?), or use a smaller model "
+                             f"(--model SmallCifarNet). The best model and last.pth so far are kept.")
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    epoch = epoch_start["epoch"]
+    restore_run(run, epoch_start)
+    plan["batch_size"], plan["lr"] = new_batch, plan["lr"] * new_batch / old_batch
+    plan["reasons"]["batch_size"] = f"halved from {old_batch} after running out of memory"
+    make_train_batches(run, data[0], data[1])
+    run.train_batches.generator.set_state(epoch_start["data_rng"])
+    run.step = epoch * len(run.train_batches)  # the same point of the schedule, in the new step count
+    run.history["plan"] = plan
+    run.history["events"].append({"out_of_memory": {"epoch": epoch + 1, "batch_size": new_batch, "lr": plan["lr"]}})
+    print(f"[oom] out of memory in epoch {epoch + 1}: retrying it with batch size {new_batch}, "
+          f"learning rate {plan['lr']:.4g}", file=sys.stderr)
+
+
+def finish_run(run, args, data):
+    """Evaluate the best epoch's weights with test-time augmentation and write the final outputs."""
+    _, _, test_images, test_labels = data
+    stage(7, f"Evaluating the best epoch ({run.best_epoch}) with test-time augmentation level {args.tta}")
+    run.net.load_state_dict(run.best_state)
+    t0 = time.time()
+    _, tta_acc = evaluate(run.net, test_images, test_labels, args.tta, run.autocast_dtype, run.dist)
+    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA ({time.time() - t0:.1f}s)")
+    stage(8, "Saving")
+    history = run.history
+    history["final"] = {"best_epoch": run.best_epoch, "test_acc": run.best_acc, "test_acc_tta": tta_acc,
+                        "tta_level": args.tta, "train_seconds": sum(r["seconds"] for r in history["epochs"]),
+                        "peak_memory_gb": max(r["peak_memory_gb"] for r in history["epochs"])}
+    if run.dist.is_main:
+        best = best_model_payload(run, run.best_epoch, run.best_acc, tta_acc, args.tta)
+        save_checkpoint(best, args.out_dir / "best_model.pth")
+        save_json(history, args.out_dir / "training_history.json")
+        plot_curves(history, args.out_dir / "training_curves.png")
+    stage(9, f"Wrote best_model.pth, last.pth, training_history.json, training_curves.png to {args.out_dir}")
+    stage(10, f"Done: {tta_acc:.2f}% test accuracy (TTA {args.tta}), best epoch {run.best_epoch}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -969,6 +1195,7 @@ def training_state(run, epoch):
         "lookahead": run.lookahead.average if run.lookahead is not None else None,
         "best_acc": run.best_acc,
         "best_epoch": run.best_epoch,
+        "best_state": run.best_state,
         "history": run.history,
         "rng": rng_states(),
     }
@@ -1026,11 +1253,12 @@ def restore_run(run, state):
     run.net.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
+    run.lookahead = None
     if state["lookahead"] is not None:
         run.lookahead = Lookahead(run.net)
         run.lookahead.average = {k: v.to(run.device) for k, v in state["lookahead"].items()}
     run.step, run.start_epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    run.best_acc, run.best_epoch = state["best_acc"], state["best_epoch"]
+    run.best_acc, run.best_epoch, run.best_state = state["best_acc"], state["best_epoch"], state["best_state"]
     run.epoch_sums = state["epoch_sums"].to(run.device)
     run.epoch_seconds = state["epoch_seconds"]
     run.epoch_rng = state["data_rng"]
@@ -1045,6 +1273,9 @@ def cli():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except TrainingFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_TRAINING_FAILED
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("\n[stop] interrupted before training started; nothing was written", file=sys.stderr)
         code = EXIT_SIGINT

@@ -10,7 +10,7 @@ import torch
 
 import train
 from tiny_cifar import write_batch, write_tiny_cifar
-from train import (TrainBatches, UserError, download_cifar10, load_cifar10, read_batch_file,
+from train import (TrainBatches, UserError, download_cifar10, load_cifar10,
                    safe_extract, translate_batch)
 
 

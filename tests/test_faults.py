@@ -1,0 +1,76 @@
+"""Faults during training: out of memory, divergence, failing writes."""
+import errno
+
+import pytest
+import torch
+
+import train
+from conftest import run_trainer
+
+
+def build_tiny_run(tiny_data, out_dir, batch_size):
+    args = train.parse_args(["--epochs", "2", "--batch-size", str(batch_size), "--model", "SmallCifarNet", "--seed",
+                             "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir)])
+    hw, dist = train.Hardware((), 1), train.Dist()
+    plan, _ = train.plan_run(args, hw, dist)
+    train.prepare_out_dir(args.out_dir)
+    data = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
+    run = train.build_run(args, hw, plan, data, 0, dist)
+    run.stop = train.StopRequest()
+    return run, args, data
+
+
+def inject_out_of_memory(run, monkeypatch, at_steps):
+    """Make the real model raise CUDA's out-of-memory error on the given training forward passes."""
+    forward, calls = run.net.forward, {"n": 0}
+
+    def forward_running_out(x):
+        if run.net.training:
+            calls["n"] += 1
+            if calls["n"] in at_steps:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return forward(x)
+
+    monkeypatch.setattr(run.net, "forward", forward_running_out)
+
+
+def test_out_of_memory_halves_the_batch_and_retries_the_epoch(tiny_data, tmp_path, monkeypatch, capsys):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, batch_size=200)
+    lr_before = run.plan["lr"]
+    inject_out_of_memory(run, monkeypatch, at_steps={8})  # step 3 of epoch 2 (5 steps per epoch)
+    assert train.train_loop(run, args, data)
+    assert run.plan["batch_size"] == 100 and run.plan["lr"] == pytest.approx(lr_before / 2)
+    assert run.history["events"] == [{"out_of_memory": {"epoch": 2, "batch_size": 100, "lr": run.plan["lr"]}}]
+    assert [(r["epoch"], r["batch_size"]) for r in run.history["epochs"]] == [(1, 200), (2, 100)]
+    assert run.step == run.total_steps == 2 * 10  # the retried epoch restarted at its own first step
+    assert "retrying it with batch size 100" in capsys.readouterr().err
+
+
+def test_out_of_memory_gives_up_below_the_minimum_batch(tiny_data, tmp_path, monkeypatch):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, batch_size=100)
+    inject_out_of_memory(run, monkeypatch, at_steps=set(range(1, 100)))
+    with pytest.raises(train.TrainingFailed, match="Out of GPU memory even at batch size 50"):
+        train.train_loop(run, args, data)
+    assert [e["out_of_memory"]["batch_size"] for e in run.history["events"]] == [50]
+
+
+def test_diverging_training_stops_with_advice_and_keeps_outputs(tiny_data, tmp_path):
+    result = run_trainer("--epochs", 3, "--batch-size", 100, "--model", "SmallCifarNet", "--lr", "1e30",
+                         "--data-dir", tiny_data, "--out-dir", tmp_path, "--log-every", 5)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "NaN or infinite for" in result.stderr and "Try a lower learning rate, e.g. --lr" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_failed_write_keeps_the_previous_file_and_names_it(tmp_path):
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"previous checkpoint")
+
+    def disk_full(f):
+        f.write(b"half a checkp")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(train.UserError, match=f"Could not write {target} \\(No space left on device\\)"):
+        train.atomic_write(target, disk_full)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
