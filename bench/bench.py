@@ -3,6 +3,7 @@
     python bench/bench.py                        # the plan's defaults for this machine, 2 runs
     python bench/bench.py --runs 3 --width-mult 1.5 --epochs 12
     python bench/bench.py --device cpu --model SmallCifarNet
+    python bench/bench.py --nproc 2 --epochs 1     # DistributedDataParallel under torchrun, 2 processes
 
 Each run is a real `python train.py` process on the full CIFAR-10 in --data-dir, timed from
 process start to its exit (data loading, whitening, every epoch's evaluation and the final TTA
@@ -36,6 +37,7 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=None, help="passed to train.py --epochs")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
+    p.add_argument("--nproc", type=int, default=1, help="processes; above 1, train.py runs under torchrun (DDP)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--data-label", default=DATA_LABEL, help="how the data is named in RESULTS.md")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
@@ -51,9 +53,11 @@ def trainer_flags(args):
     return flags
 
 
-def one_run(flags, seed):
+def one_run(flags, seed, nproc):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, str(ROOT / "train.py"), *flags, "--seed", str(seed), "--out-dir", out]
+        command = [*launcher, str(ROOT / "train.py"), *flags, "--seed", str(seed), "--out-dir", out]
         start = time.time()
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         wall = time.time() - start
@@ -100,7 +104,7 @@ def main():
     flags = trainer_flags(args)
     runs = []
     for i in range(args.runs):
-        r = one_run(flags, seed=i)
+        r = one_run(flags, seed=i, nproc=args.nproc)
         runs.append(r)
         reached = ", ".join(f"{t}%: {s:.0f}s" for t, s in r["reached"].items()) or "none"
         print(f"run {i + 1}: test {r['test_acc']:.2f}% (TTA {r['test_acc_tta']:.2f}%), wall {r['wall_s']:.0f}s, "
@@ -108,6 +112,8 @@ def main():
               f"train time to {reached}", flush=True)
     plan = runs[0]["plan"]
     model = f"{plan['model']}({', '.join(f'{k}={v}' for k, v in plan['model_kwargs'].items())})"
+    if plan["world_size"] > 1:
+        model += f", DDP x{plan['world_size']}"
     summary = {
         "acc": mean_std([r["test_acc"] for r in runs]),
         "tta": mean_std([r["test_acc_tta"] for r in runs]),

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -25,3 +26,18 @@ def run_trainer(*args, timeout=300, **popen_kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, **popen_kwargs)
+
+
+def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
+    """A real Run on the tiny data, built in this process so a test can reach inside it."""
+    import train
+
+    args = train.parse_args(["--epochs", "2", "--batch-size", str(batch_size), "--model", "SmallCifarNet", "--seed",
+                             "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir), *extra_flags])
+    hw, dist = train.Hardware((), 1), train.Dist()
+    plan, _ = train.plan_run(args, hw, dist)
+    train.prepare_out_dir(args.out_dir)
+    data = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
+    run = train.build_run(args, hw, plan, data, 0, dist)
+    run.stop = train.StopRequest()
+    return run, args, data

@@ -178,3 +178,18 @@ def test_same_seed_same_batches():
     a = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3, channels_last=True).epoch(0)]
     b = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3, channels_last=True).epoch(0)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/cifar_trainer_pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(data_copy):
+    marker = train.Path("/tmp/cifar_trainer_pwned")
+    marker.unlink(missing_ok=True)
+    with open(data_copy / "data_batch_1", "wb") as f:
+        pickle.dump({"data": RunsCode(), "labels": []}, f, protocol=2)
+    assert_refused(data_copy, "asks for posix.system")
+    assert not marker.exists()

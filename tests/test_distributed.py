@@ -78,3 +78,25 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
     assert plan["batch_size"] == 2048 and plan["lr"] == pytest.approx(3.0)  # the rule on the global batch
     with pytest.raises(UserError, match="must divide evenly"):
         make_plan(Hardware((), 2), batch_size=301, world_size=2, local_world_size=2)
+
+
+def test_sigterm_under_torchrun_saves_and_resume_completes(tiny_data, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), "--epochs", "3", "--batch-size", "100", "--data-dir", str(tiny_data),
+               "--out-dir", str(tmp_path), *map(str, TINY)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in process.stdout:
+        if "[epoch 1/3]" in line:
+            break
+    process.terminate()  # torchrun passes SIGTERM on to every rank
+    _, stderr = process.communicate(timeout=120)
+    assert "Resume with: torchrun --standalone --nproc_per_node=2 train.py --resume" in stderr
+    stopped_at = json.loads((tmp_path / "training_history.json").read_text())["epochs"]
+    assert 1 <= len(stopped_at) < 3
+
+    result = torchrun("--resume", "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+    assert history["events"][0]["resumed"].endswith("last.pth")

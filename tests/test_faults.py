@@ -5,19 +5,7 @@ import pytest
 import torch
 
 import train
-from conftest import run_trainer
-
-
-def build_tiny_run(tiny_data, out_dir, batch_size):
-    args = train.parse_args(["--epochs", "2", "--batch-size", str(batch_size), "--model", "SmallCifarNet", "--seed",
-                             "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir)])
-    hw, dist = train.Hardware((), 1), train.Dist()
-    plan, _ = train.plan_run(args, hw, dist)
-    train.prepare_out_dir(args.out_dir)
-    data = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
-    run = train.build_run(args, hw, plan, data, 0, dist)
-    run.stop = train.StopRequest()
-    return run, args, data
+from conftest import build_tiny_run, run_trainer
 
 
 def inject_out_of_memory(run, monkeypatch, at_steps):
