@@ -778,6 +778,7 @@ def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = history["epochs"]
     if not rows:
@@ -796,6 +797,7 @@ def plot_curves(history, path):
     axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
     axes[2].set_title("Learning rate (at epoch end)")
     for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
