@@ -98,3 +98,19 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
     assert [row[0] for row in epoch_numbers(tmp_path)] == list(range(1, epochs + 1))
     assert not list(tmp_path.glob(".*.tmp"))
     torch.load(tmp_path / "best_model.pth", weights_only=True)
+
+
+def test_second_ctrl_c_exits_at_once_and_tears_nothing(tiny_data, tmp_path):
+    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    wait_for_line(process, "[epoch 1/3]")
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    for path in tmp_path.iterdir():
+        assert not path.name.endswith(".tmp"), path
+        if path.suffix == ".pth":
+            torch.load(path, weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
