@@ -996,6 +996,10 @@ def plan_run(args, hw, dist):
     if resume_state is not None:
         plan = resume_state["plan"]
         check_resume_matches_flags(args, resume_state)
+        if plan["world_size"] != dist.world_size:
+            raise UserError(f"--resume: {args.resume_path} is a run of {plan['world_size']} process(es) and this is "
+                            f"{dist.world_size}. Resume it as it was started "
+                            f"({'plain python' if plan['world_size'] == 1 else 'torchrun with that many processes'}).")
         args.data_dir = args.data_dir or Path(resume_state["data_dir"])
         print(f"[resume] continuing {args.resume_path} from epoch {resume_state['epoch'] + 1}, "
               f"batch {resume_state['batch_in_epoch']}")

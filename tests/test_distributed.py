@@ -100,3 +100,12 @@ def test_sigterm_under_torchrun_saves_and_resume_completes(tiny_data, tmp_path):
     history = json.loads((tmp_path / "training_history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
     assert history["events"][0]["resumed"].endswith("last.pth")
+
+
+def test_resuming_a_torchrun_run_without_torchrun_is_refused(ddp_run):
+    out, _ = ddp_run
+    before = (out / "last.pth").read_bytes()
+    result = run_trainer("--resume", "--out-dir", out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is a run of 2 process(es) and this is 1" in result.stderr
+    assert (out / "last.pth").read_bytes() == before
