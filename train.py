@@ -1106,6 +1106,7 @@ def train_loop(run, args, data):
             torch.cuda.synchronize(run.device)
         run.epoch_seconds += time.time() - t0
         if not completed:
+            run.dist.all_reduce_sum(run.epoch_sums)  # the checkpoint holds every rank's part of the epoch
             save_outputs(run, args, training_state(run, epoch))
             return False
         run.dist.all_reduce_sum(run.epoch_sums)
@@ -1286,7 +1287,8 @@ def restore_run(run, state):
         run.lookahead.average = {k: v.to(run.device) for k, v in state["lookahead"].items()}
     run.step, run.start_epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     run.best_acc, run.best_epoch, run.best_state = state["best_acc"], state["best_epoch"], state["best_state"]
-    run.epoch_sums = state["epoch_sums"].to(run.device)
+    # The saved sums already cover every rank; under torchrun only rank 0 carries them on.
+    run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(3, device=run.device)
     run.epoch_seconds = state["epoch_seconds"]
     run.epoch_rng = state["data_rng"]
     run.train_batches.generator.set_state(state["data_rng"])
