@@ -13,11 +13,16 @@ from train import evaluate, load_cifar10, load_trained_model
 TINY = ["--model", "SmallCifarNet", "--seed", "4", "--tta", "1"]
 
 
-def torchrun(*args, nproc=2):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def torchrun_command(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(ROOT / "train.py"), *map(str, args)]
+
+
+def torchrun(*args):
+    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +86,8 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
 
 
 def test_sigterm_under_torchrun_saves_and_resume_completes(tiny_data, tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), "--epochs", "3", "--batch-size", "100", "--data-dir", str(tiny_data),
-               "--out-dir", str(tmp_path), *map(str, TINY)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    command = torchrun_command("--epochs", 3, "--batch-size", 100, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     for line in process.stdout:
         if "[epoch 1/3]" in line:
             break

@@ -36,6 +36,14 @@ def epoch_numbers(out):
             for row in json.loads((out / "training_history.json").read_text())["epochs"]]
 
 
+def assert_every_file_loads(folder):
+    for path in folder.iterdir():
+        if path.suffix == ".pth":
+            torch.load(path, weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+
+
 def final_weights(out):
     return torch.load(out / "last.pth", weights_only=True)["model"]
 
@@ -86,11 +94,7 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
         time.sleep(rng.uniform(0.2, 2.5))
         process.kill()
         process.communicate()
-        for path in tmp_path.iterdir():  # whatever the moment, every file there is whole
-            if path.suffix == ".pth":
-                torch.load(path, weights_only=True)
-            elif path.suffix == ".json":
-                json.loads(path.read_text())
+        assert_every_file_loads(tmp_path)  # whatever the moment, every file there is whole
     resume = ["--resume"] if (tmp_path / "last.pth").exists() else []
     result = run_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
                          *resume)
@@ -108,9 +112,5 @@ def test_second_ctrl_c_exits_at_once_and_tears_nothing(tiny_data, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    for path in tmp_path.iterdir():
-        assert not path.name.endswith(".tmp"), path
-        if path.suffix == ".pth":
-            torch.load(path, weights_only=True)
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
+    assert not list(tmp_path.glob("*.tmp"))
+    assert_every_file_loads(tmp_path)
