@@ -55,7 +55,7 @@ class CifarNet(nn.Module):
     WHITEN_KERNEL = 2
     WHITEN_CHANNELS = 2 * 3 * WHITEN_KERNEL**2  # eigenvectors of 2x2x3 patches, with and without sign
 
-    def __init__(self, widths, num_classes=10, head_scale=1 / 9):
+    def __init__(self, widths, num_classes=10):
         super().__init__()
         self.widths = tuple(int(w) for w in widths)
         self.whiten = nn.Conv2d(3, self.WHITEN_CHANNELS, kernel_size=self.WHITEN_KERNEL, padding=0, bias=True)
@@ -68,8 +68,11 @@ class CifarNet(nn.Module):
             ConvGroup(w2, w3),
         )
         self.head = nn.Linear(w3, num_classes, bias=False)
-        # A small output scale keeps initial logits near zero, which suits label smoothing.
-        self.head_scale = head_scale
+        # Unit-variance weights read out at 1/width: initial logits stay near zero (which suits label
+        # smoothing) and the head's per-example learning rate does not depend on the width.
+        with torch.no_grad():
+            self.head.weight /= self.head.weight.std()
+        self.head_scale = 1 / w3
 
     @torch.no_grad()
     def init_whitening(self, images, eps=5e-4):

@@ -1,7 +1,7 @@
 """The plan is a pure function of a hardware description: every rule tested with made-up GPUs."""
 import pytest
 
-from train import GPU, Hardware, UserError, lr_for_batch, make_plan, parse_simulated_gpus, torchrun_hint
+from train import MUON_LR, GPU, Hardware, UserError, make_plan, parse_simulated_gpus, torchrun_hint
 
 
 def gpus(*specs):
@@ -26,7 +26,7 @@ def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
     plan = make_plan(gpus(RTX3090))
     assert plan["device"] == "cuda:0" and plan["parallel"] == "none"
     assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0}
-    assert plan["batch_size"] == 1024 and plan["lr"] == pytest.approx(1.5)
+    assert plan["batch_size"] == 2000 and plan["lr"] == MUON_LR and plan["epochs"] == 8
     assert plan["precision"] == "bf16"
     assert torchrun_hint(plan) is None
 
@@ -34,18 +34,18 @@ def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
 def test_single_large_gpu_gets_the_wider_network():
     plan = make_plan(gpus(H100))
     assert plan["model_kwargs"] == {"width_mult": 1.5}
-    assert plan["batch_size"] == 1024
+    assert plan["batch_size"] == 2000
 
 
-@pytest.mark.parametrize("count, width, batch", [(2, 1.5, 2048), (3, 2.5, 2048), (4, 2.5, 2048)])
-def test_identical_gpus(count, width, batch):
+@pytest.mark.parametrize("count, width", [(2, 1.5), (3, 2.5), (4, 2.5)])
+def test_identical_gpus(count, width):
     plan = make_plan(gpus(*[RTX3090] * count))
     assert plan["device_ids"] == list(range(count))
     assert plan["device"] == "cuda:0"
     assert plan["parallel"] == "DataParallel"
     assert plan["model_kwargs"] == {"width_mult": width}
-    assert plan["batch_size"] == batch
-    assert plan["lr"] == pytest.approx(lr_for_batch(batch))
+    assert plan["batch_size"] == 2000  # the global batch, split over the GPUs
+    assert plan["lr"] == MUON_LR
     assert plan["ignored_gpus"] == []
 
 
@@ -67,7 +67,7 @@ def test_tie_between_gpu_models_goes_to_more_memory():
 def test_small_4gb_gpu_gets_the_small_network_and_batch():
     plan = make_plan(gpus(T4_4GB))
     assert plan["model"] == "SmallCifarNet"
-    assert plan["batch_size"] == 512
+    assert plan["batch_size"] == 2000
 
 
 def test_old_gpus_without_bf16_use_fp16_with_scaler():
@@ -83,10 +83,10 @@ def test_no_gpu_trains_on_cpu_in_fp32():
     assert plan["model"] == "SmallCifarNet"
 
 
-def test_user_overrides_win_and_the_lr_follows_the_users_batch():
+def test_user_overrides_win():
     plan = make_plan(gpus(RTX3090), epochs=3, batch_size=256)
     assert plan["epochs"] == 3 and plan["batch_size"] == 256
-    assert plan["lr"] == pytest.approx(1.5 / 4)
+    assert plan["lr"] == MUON_LR  # Muon's step does not depend on the batch; SGD's rates are per example
     assert plan["reasons"]["epochs"] == "set by --epochs"
     plan = make_plan(gpus(RTX3090), lr=0.1, weight_decay=0.0)
     assert plan["lr"] == 0.1 and plan["weight_decay"] == 0.0
@@ -96,7 +96,7 @@ def test_disable_auto_uses_documented_defaults_and_the_first_gpu():
     plan = make_plan(gpus(A6000, RTX3090, RTX3090), batch_size=128, lr=0.01, disable_auto=True)
     assert plan["device"] == "cuda:0" and plan["parallel"] == "none"
     assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0}
-    assert plan["batch_size"] == 128 and plan["lr"] == 0.01 and plan["epochs"] == 10
+    assert plan["batch_size"] == 128 and plan["lr"] == 0.01 and plan["epochs"] == 8
 
 
 def test_model_flags_override_the_tier():

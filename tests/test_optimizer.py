@@ -1,0 +1,54 @@
+"""The optimiser: Muon for conv filters, SGD with per-example rates for the rest, linear decay."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from models import SmallCifarNet
+
+PLAN = {"lr": train.MUON_LR, "weight_decay": train.WEIGHT_DECAY_PER_EXAMPLE, "batch_size": 64, "epochs": 4}
+
+
+def test_orthogonalize_brings_every_singular_value_near_one():
+    torch.manual_seed(0)
+    for rows in (32, 128):
+        gradient = torch.randn(rows, 288) * torch.logspace(-1, 0, 288)
+        before = torch.linalg.svdvals(gradient)
+        assert before.max() / before.min() > 2.5  # (condition numbers 2.6 and 10.5)
+        singular_values = torch.linalg.svdvals(train.orthogonalize(gradient))
+        assert singular_values.min() > 0.5 and singular_values.max() < 1.5
+
+
+def test_a_step_moves_each_filter_bank_by_an_orthogonalised_update_at_fixed_norm():
+    torch.manual_seed(0)
+    model = SmallCifarNet()
+    optimizer = train.make_optimizer(model, PLAN)
+    train.set_learning_rates(optimizer, PLAN, step=0, steps_per_epoch=10)
+    filters = optimizer.param_groups[0]
+    assert filters["name"] == "filters" and len(filters["params"]) == 6  # the six 3x3 convs, not the frozen stem
+    before = [p.detach().clone() for p in filters["params"]]
+    F.cross_entropy(model(torch.randn(64, 3, 32, 32)), torch.randint(0, 10, (64,))).backward()
+    optimizer.step()
+    for old, new in zip(before, filters["params"]):
+        renormalised = old * len(old) ** 0.5 / old.norm()
+        update = (renormalised - new.detach()) / filters["lr"]
+        singular_values = torch.linalg.svdvals(update.reshape(len(update), -1))
+        # Raw gradients are dominated by a few directions; the update spreads over all of them.
+        assert singular_values.max() < 1.5 and singular_values.median() > 0.5
+
+
+def test_rates_decay_linearly_and_sgd_rates_are_per_example():
+    optimizer = train.make_optimizer(SmallCifarNet(), PLAN)
+    rates = {}
+    for step in (0, 15, 40):
+        train.set_learning_rates(optimizer, PLAN, step=step, steps_per_epoch=10)
+        rates[step] = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates[0]["filters"] == pytest.approx(train.MUON_LR)
+    assert rates[0]["head"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64)
+    assert rates[15]["norm_biases"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 40))
+    # The whitening bias decays over its own few epochs and then stays at zero.
+    assert rates[15]["whiten_bias"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 30))
+    assert rates[40]["whiten_bias"] == 0 and rates[40]["filters"] == 0
+    # --lr scales every rate together.
+    train.set_learning_rates(optimizer, dict(PLAN, lr=train.MUON_LR / 2), step=0, steps_per_epoch=10)
+    assert optimizer.param_groups[2]["lr"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64 / 2)
