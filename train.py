@@ -6,7 +6,7 @@
 
 The story of a run, top to bottom: detect the hardware, make a plan (a pure function of the
 hardware), load the data onto the training device, build the model, train, evaluate, save.
-The training recipe follows airbench (Keller Jordan, 2024); each trick is commented where it is used.
+The training recipe follows airbench94_muon (Keller Jordan, 2024); each trick is commented where it is used.
 """
 import argparse
 import ctypes
@@ -681,12 +681,17 @@ class Dist:
 
 def train_one_epoch(run, epoch, skip=0):
     """Train one epoch (from batch `skip` on). Returns False if a stop was requested mid-epoch."""
+    # The whitening bias adapts to the data early, then freezes so it cannot drift.
+    trains_whiten_bias = epoch < WHITEN_BIAS_EPOCHS
+    if run.net.whiten.bias.requires_grad != trains_whiten_bias:
+        run.net.whiten.bias.requires_grad = trains_whiten_bias
+        if run.plan["parallel"] == "DistributedDataParallel":
+            # DDP waits for a gradient of every parameter that trained when it was built: build it anew.
+            run.model = nn.parallel.DistributedDataParallel(run.net, device_ids=run.plan["device_ids"] or None)
     model, optimizer, plan = run.model, run.optimizer, run.plan
     batches = run.train_batches
     steps_per_epoch = len(batches)
     model.train()
-    # The whitening bias adapts to the data early, then freezes so it cannot drift.
-    run.net.whiten.bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS
     bar = make_progress_bar(steps_per_epoch, skip, epoch, plan["epochs"])
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         set_learning_rates(optimizer, plan, run.step, steps_per_epoch)
