@@ -913,8 +913,8 @@ def parse_args(argv=None):
                    help="auto: use the GPUs the plan picks; cpu: plan and train as if no GPU were present "
                         "(default: auto)")
     p.add_argument("--disable-auto", action="store_true",
-                   help="no automatic choices: first GPU or CPU, PowerCifarNet(1.0), batch 1024, 10 epochs, "
-                        "lr by the linear rule, unless given")
+                   help=f"no automatic choices: first GPU or CPU, PowerCifarNet(1.0), batch {BATCH_SIZE}, "
+                        f"{MANUAL_DEFAULTS['epochs']} epochs, the recipe's rates, unless given")
     p.add_argument("--dry-run", action="store_true", help="print the hardware and the plan, then exit")
     p.add_argument("--simulate-gpus", default=None, metavar="NAME:GiB,...",
                    help="plan for these GPUs instead of the detected ones (implies --dry-run), "
