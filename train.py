@@ -687,7 +687,7 @@ def train_one_epoch(run, epoch, skip=0):
         run.net.whiten.bias.requires_grad = trains_whiten_bias
         if run.plan["parallel"] == "DistributedDataParallel":
             # DDP waits for a gradient of every parameter that trained when it was built: build it anew.
-            run.model = nn.parallel.DistributedDataParallel(run.net, device_ids=run.plan["device_ids"] or None)
+            run.model = distributed_model(run.net, run.plan)
     model, optimizer, plan = run.model, run.optimizer, run.plan
     batches = run.train_batches
     steps_per_epoch = len(batches)
@@ -1090,7 +1090,7 @@ def build_run(args, hw, plan, data, seed, dist):
         run.model = nn.DataParallel(run.net, device_ids=plan["device_ids"], output_device=plan["device_ids"][0])
     elif plan["parallel"] == "DistributedDataParallel":
         stage(5, f"DistributedDataParallel over {dist.world_size} ranks")
-        run.model = nn.parallel.DistributedDataParallel(run.net, device_ids=plan["device_ids"] or None)
+        run.model = distributed_model(run.net, plan)
     else:
         stage(5, "single device, no DataParallel")
     run.autocast_dtype, run.scaler = make_precision(plan["precision"], device)
@@ -1105,6 +1105,11 @@ def build_run(args, hw, plan, data, seed, dist):
     run.history = {"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
                    "epochs": [], "events": []}
     return run
+
+
+def distributed_model(net, plan):
+    """DDP over this rank's GPU (or the CPU). Built here and again when a parameter stops training."""
+    return nn.parallel.DistributedDataParallel(net, device_ids=plan["device_ids"] or None)
 
 
 def make_precision(precision, device):
