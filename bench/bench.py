@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from train import cpu_has_bf16  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 THRESHOLDS = [85, 90, 91, 92, 93, 94]
 DATA_LABEL = "CIFAR-10 (JPEG copy)"  # the copy this project's machines build; say so beside every figure
@@ -36,6 +38,7 @@ def parse_args():
     p.add_argument("--width-mult", type=float, default=None, help="passed to train.py --width-mult")
     p.add_argument("--epochs", type=int, default=None, help="passed to train.py --epochs")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="passed to train.py --precision")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
     p.add_argument("--nproc", type=int, default=1, help="processes; above 1, train.py runs under torchrun (DDP)")
     p.add_argument("--data-dir", default="data")
@@ -47,7 +50,7 @@ def parse_args():
 def trainer_flags(args):
     flags = ["--data-dir", args.data_dir, "--device", args.device]
     for flag, value in [("--model", args.model), ("--width-mult", args.width_mult), ("--epochs", args.epochs),
-                        ("--batch-size", args.batch_size)]:
+                        ("--batch-size", args.batch_size), ("--precision", args.precision)]:
         if value is not None:
             flags += [flag, str(value)]
     return flags
@@ -76,6 +79,7 @@ def one_run(flags, seed, nproc):
         "train_s": final["train_seconds"], "reached": reached,
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
         "peak_memory_gb": final["peak_memory_gb"], "plan": history["plan"],
+        "log_tail": result.stdout.splitlines()[-8:],
     }
 
 
@@ -90,13 +94,15 @@ def device_name(plan):
 
 
 def cpu_model():
+    """Name, family/model and vector units: sessions land on different CPUs behind the same name."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = f"{info['model name']}, family {info['cpu family']} model {info['model']}"
+    except (OSError, KeyError):
+        name = "unknown CPU"
+    bf16 = " with bf16" if cpu_has_bf16() else ""
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{bf16}"
 
 
 def main():
@@ -110,6 +116,7 @@ def main():
         print(f"run {i + 1}: test {r['test_acc']:.2f}% (TTA {r['test_acc_tta']:.2f}%), wall {r['wall_s']:.0f}s, "
               f"train {r['train_s']:.0f}s, {r['images_per_s']:.0f} img/s, peak {r['peak_memory_gb']:.2f} GB, "
               f"train time to {reached}", flush=True)
+        print("\n".join("    " + line for line in r["log_tail"]), flush=True)  # how the run itself ended
     plan = runs[0]["plan"]
     model = f"{plan['model']}({', '.join(f'{k}={v}' for k, v in plan['model_kwargs'].items())})"
     if plan["world_size"] > 1:

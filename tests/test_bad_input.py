@@ -85,6 +85,7 @@ FLAG_CASES = {
     "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
     "malformed simulate-gpus": (["--simulate-gpus", "RTX 3090"], "--simulate-gpus could not read 'RTX 3090'"),
     "simulate-gpus bad memory": (["--simulate-gpus", "A100:lots"], "--simulate-gpus could not read"),
+    "fp16 on the CPU": (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
     "unknown flag": (["--epochz", "3"], "unrecognized arguments: --epochz"),
     "bad flag value": (["--epochs", "ten"], "invalid int value: 'ten'"),
 }
@@ -128,11 +129,13 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
     assert_refused(run_trainer("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
 
 
-def test_resume_with_a_different_model_is_refused(tiny_data, tmp_path):
+def test_resume_with_a_different_model_or_precision_is_refused(tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert run_trainer("--epochs", 1, "--batch-size", 500, "--model", "SmallCifarNet", "--tta", 0,
-                       "--data-dir", tiny_data, "--out-dir", out).returncode == 0
+    assert run_trainer("--epochs", 1, "--batch-size", 500, "--model", "SmallCifarNet", "--precision", "fp32",
+                       "--tta", 0, "--data-dir", tiny_data, "--out-dir", out).returncode == 0
     before = (out / "last.pth").read_bytes()
     result = run_trainer("--resume", "--out-dir", out, "--model", "PowerCifarNet", "--data-dir", tiny_data)
     assert_refused(result, "is a run with --model SmallCifarNet, but --model PowerCifarNet was given")
+    result = run_trainer("--resume", "--out-dir", out, "--precision", "bf16", "--data-dir", tiny_data)
+    assert_refused(result, "is a run with --precision fp32, but --precision bf16 was given")
     assert (out / "last.pth").read_bytes() == before

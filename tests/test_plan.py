@@ -1,4 +1,6 @@
 """The plan is a pure function of a hardware description: every rule tested with made-up GPUs."""
+import dataclasses
+
 import pytest
 
 from train import MUON_LR, GPU, Hardware, UserError, make_plan, parse_simulated_gpus, torchrun_hint
@@ -81,6 +83,23 @@ def test_no_gpu_trains_on_cpu_in_fp32():
     assert plan["precision"] == "fp32"
     assert plan["threads"] == 2
     assert plan["model"] == "SmallCifarNet"
+
+
+def test_cpu_with_bf16_units_trains_the_airbench94_network_in_bf16():
+    plan = make_plan(Hardware((), cpu_count=2, cpu_bf16=True))
+    assert plan["device"] == "cpu" and plan["precision"] == "bf16"
+    assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0} and plan["epochs"] == 8
+    with_gpu = make_plan(dataclasses.replace(gpus(T4_4GB), cpu_bf16=True))  # the GPUs decide, not the CPU
+    assert with_gpu["device"] == "cuda:0" and with_gpu["model"] == "SmallCifarNet"
+
+
+def test_precision_flag_overrides_and_refuses_what_the_device_cannot_run():
+    assert make_plan(Hardware((), 2, cpu_bf16=True), precision="fp32")["precision"] == "fp32"
+    assert make_plan(gpus(RTX3090), precision="fp16")["precision"] == "fp16"
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        make_plan(Hardware((), 2), precision="fp16")
+    with pytest.raises(UserError, match="Tesla V100 lacks bf16"):
+        make_plan(Hardware((GPU(0, "Tesla V100", 16, bf16=False),), 8), precision="bf16")
 
 
 def test_user_overrides_win():

@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_trainer
 from models import MODELS
-from train import evaluate, load_cifar10, load_trained_model
+from train import cpu_has_bf16, evaluate, load_cifar10, load_trained_model
 
 TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--seed", "1"]
 
@@ -61,7 +61,8 @@ def test_best_model_reloads_and_reproduces_its_recorded_accuracy(two_epoch_run, 
 def test_dry_run_touches_no_data(tmp_path):
     result = run_trainer("--dry-run", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "out")
     assert result.returncode == 0
-    assert "[plan] model: SmallCifarNet" in result.stdout
+    expected = "PowerCifarNet(width_mult=1.0)" if cpu_has_bf16() else "SmallCifarNet()"  # this CPU's tier
+    assert f"[plan] model: {expected}" in result.stdout
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "out").exists()
 
 
