@@ -175,7 +175,8 @@ def choose_model(group, cpu_bf16=False):
     """
     if not group and cpu_bf16:
         return ("PowerCifarNet", {"width_mult": 1.0}, 8,
-                "CPU with bf16 units: the airbench94 network in bf16, 90.8% on 2 cores in 14 minutes")
+                "CPU with bf16 units: the airbench94 network in bf16, 90.8% on CIFAR-10 (JPEG copy) in 14 minutes "
+                "on 2 cores")
     if not group:
         return ("SmallCifarNet", {}, 10,
                 "CPU: the light network trains 3.3x faster than the GPU network on a CPU")
