@@ -115,8 +115,12 @@ def detect_hardware():
 
 
 def cpu_has_bf16():
-    """True where oneDNN runs bf16 convolutions natively (AVX512-BF16 or AMX), i.e. faster than fp32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    """True where oneDNN runs bf16 convolutions natively (AVX512-BF16 or AMX), i.e. faster than fp32.
+
+    torch's probes are private: a torch without them counts as no bf16 units (the fp32 plan), not as a crash.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def parse_simulated_gpus(spec, cpu_count, cpu_bf16=False):

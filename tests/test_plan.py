@@ -140,3 +140,13 @@ def test_parse_simulated_gpus():
 def test_malformed_simulated_gpus_are_refused(spec):
     with pytest.raises(UserError, match="--simulate-gpus"):
         parse_simulated_gpus(spec, 8)
+
+
+def test_cpu_bf16_probe_missing_from_torch_means_the_fp32_plan(monkeypatch):
+    import torch
+    import train
+
+    assert train.cpu_has_bf16() in (True, False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert train.cpu_has_bf16() is False
