@@ -62,6 +62,7 @@ LABEL_SMOOTHING = 0.2  # softer targets regularise the short, high-learning-rate
 WHITEN_BIAS_EPOCHS = 3  # the whitening layer's bias trains only this long (its rate decays to 0), then freezes
 TRANSLATE_PIXELS = 2  # random translation of up to 2 pixels (reflect padding)
 EVAL_BATCH_SIZE = 2000
+PRECISIONS = ("fp32", "bf16", "fp16")  # what --precision accepts; the plan picks one per device
 MIN_FREE_DISK_MB = 50
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declared diverged
 MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
@@ -924,7 +925,7 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="network (default: the plan's, per tier)")
     p.add_argument("--width-mult", type=float, default=None,
                    help="PowerCifarNet channel multiplier; 1.0 = widths 64/256/256 (default: the plan's)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="arithmetic of the forward and backward pass (default: the plan's: bf16 on GPUs and CPUs "
                         "with bf16 units, fp16 with a gradient scaler on older GPUs, otherwise fp32)")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,

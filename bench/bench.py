@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train import cpu_has_bf16  # noqa: E402
+from train import PRECISIONS, cpu_has_bf16  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 THRESHOLDS = [85, 90, 91, 92, 93, 94]
 DATA_LABEL = "CIFAR-10 (JPEG copy)"  # the copy this project's machines build; say so beside every figure
@@ -38,7 +38,7 @@ def parse_args():
     p.add_argument("--width-mult", type=float, default=None, help="passed to train.py --width-mult")
     p.add_argument("--epochs", type=int, default=None, help="passed to train.py --epochs")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="passed to train.py --precision")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="passed to train.py --precision")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
     p.add_argument("--nproc", type=int, default=1, help="processes; above 1, train.py runs under torchrun (DDP)")
     p.add_argument("--data-dir", default="data")

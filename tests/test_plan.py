@@ -2,8 +2,9 @@
 import dataclasses
 
 import pytest
+import torch
 
-from train import MUON_LR, GPU, Hardware, UserError, make_plan, parse_simulated_gpus, torchrun_hint
+from train import MUON_LR, GPU, Hardware, UserError, cpu_has_bf16, make_plan, parse_simulated_gpus, torchrun_hint
 
 
 def gpus(*specs):
@@ -143,10 +144,7 @@ def test_malformed_simulated_gpus_are_refused(spec):
 
 
 def test_cpu_bf16_probe_missing_from_torch_means_the_fp32_plan(monkeypatch):
-    import torch
-    import train
-
-    assert train.cpu_has_bf16() in (True, False)
+    assert cpu_has_bf16() in (True, False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert train.cpu_has_bf16() is False
+    assert cpu_has_bf16() is False
