@@ -40,7 +40,7 @@ def images_per_second(widths, batch_size, precision, steps):
     labels = torch.randint(0, 10, (batch_size,))
 
     def step():
-        train.set_learning_rates(optimizer, plan, 0, 25)
+        train.set_learning_rates(optimizer, plan, step=0, steps_per_epoch=25)  # the peak rates
         with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = F.cross_entropy(net(inputs), labels, label_smoothing=train.LABEL_SMOOTHING)
         optimizer.zero_grad(set_to_none=True)
