@@ -1055,19 +1055,18 @@ def main(argv=None):
     run.stop = StopRequest()
     run.stop.install()
     stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
-    completed = train_loop(run, args, data)
-    if completed:
+    if train_loop(run, args, data):
         finish_run(run, args, data)
+        code = 0
     else:
+        code = EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
         launcher = "python" if dist.world_size == 1 else \
             f"torchrun --standalone --nproc_per_node={dist.local_world_size}"  # multi-node: your usual torchrun flags
         if dist.is_main:
             print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: {launcher} train.py "
                   f"--resume {args.out_dir / 'last.pth'} --out-dir {args.out_dir}", file=sys.stderr)
     dist.close()
-    if completed:
-        return 0
-    return EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
+    return code
 
 
 def find_hardware(args):
