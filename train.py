@@ -735,13 +735,7 @@ def train_one_epoch(run, epoch, skip=0):
     bar = make_progress_bar(steps_per_epoch, skip, epoch, plan["epochs"])
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         set_learning_rates(optimizer, plan, run.step, steps_per_epoch)
-        with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-            outputs = model(inputs)
-            loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
-        optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(optimizer)
-        run.scaler.update()
+        outputs, loss = training_step(model, optimizer, run.scaler, inputs, labels, run.autocast_dtype)
         run.step += 1
         # Running sums stay on the device: no per-step synchronisation with the host.
         run.epoch_sums += torch.stack([loss.detach().float() * len(labels),
@@ -766,6 +760,18 @@ def train_one_epoch(run, epoch, skip=0):
     if bar is not None:
         bar.close()
     return True
+
+
+def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype):
+    """Forward, label-smoothed loss, backward and one optimiser step; returns the outputs and the loss."""
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outputs = model(inputs)
+        loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return outputs, loss
 
 
 def check_finite(run):

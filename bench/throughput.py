@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
@@ -31,38 +30,32 @@ def parse_args():
     return p.parse_args()
 
 
-def images_per_second(widths, batch_size, precision, steps):
+def images_per_second(widths, plan, steps):
     net = CifarNet(widths).to(memory_format=torch.channels_last)
-    plan = dict(weight_decay=train.WEIGHT_DECAY_PER_EXAMPLE, lr=train.MUON_LR, batch_size=batch_size, epochs=10)
     optimizer = train.make_optimizer(net, plan)
-    autocast_dtype, _ = train.make_precision(precision, torch.device("cpu"))
-    inputs = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (batch_size,))
-
-    def step():
-        train.set_learning_rates(optimizer, plan, step=0, steps_per_epoch=25)  # the peak rates
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = F.cross_entropy(net(inputs), labels, label_smoothing=train.LABEL_SMOOTHING)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    train.set_learning_rates(optimizer, plan, step=0, steps_per_epoch=1)  # the peak rates
+    autocast_dtype, scaler = train.make_precision(plan["precision"], torch.device("cpu"))
+    inputs = torch.randn(plan["batch_size"], 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (plan["batch_size"],))
     for _ in range(2):  # first steps allocate memory and pick kernels
-        step()
+        train.training_step(net, optimizer, scaler, inputs, labels, autocast_dtype)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
-    return batch_size * steps / (time.perf_counter() - start), count_flops(net)
+        train.training_step(net, optimizer, scaler, inputs, labels, autocast_dtype)
+    return plan["batch_size"] * steps / (time.perf_counter() - start), count_flops(net)
 
 
 def main():
     args = parse_args()
+    # The trainer's own plan for this CPU supplies the rates, threads and precision (overridden as given).
+    plan = train.make_plan(train.Hardware((), os.cpu_count() or 1, cpu_bf16=train.cpu_has_bf16()),
+                           batch_size=args.batch_size, precision=args.precision)
     train.keep_freed_memory()  # as the trainer does on the CPU
-    torch.set_num_threads(os.cpu_count())
-    print(f"{os.cpu_count()} threads, batch {args.batch_size}, {args.precision}, torch {torch.__version__}")
+    torch.set_num_threads(plan["threads"])
+    print(f"{plan['threads']} threads, batch {args.batch_size}, {args.precision}, torch {torch.__version__}")
     for spec in args.widths:
         widths = tuple(int(w) for w in spec.split(","))
-        rate, macs = images_per_second(widths, args.batch_size, args.precision, args.steps)
+        rate, macs = images_per_second(widths, plan, args.steps)
         print(f"widths {'/'.join(map(str, widths)):>12}: {rate:6.0f} images/s, {macs / 1e6:5.1f}M multiply-adds "
               f"per image ({rate * macs / 1e9:4.1f} G/s in the forward pass)")
 
