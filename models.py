@@ -110,7 +110,11 @@ class PowerCifarNet(CifarNet):
 
     def __init__(self, width_mult=1.0, num_classes=10):
         self.width_mult = width_mult
-        super().__init__(widths=[round(w * width_mult) for w in self.BASE_WIDTHS], num_classes=num_classes)
+        super().__init__(widths=self.widths_for(width_mult), num_classes=num_classes)
+
+    @classmethod
+    def widths_for(cls, width_mult):
+        return [round(w * width_mult) for w in cls.BASE_WIDTHS]
 
 
 MODELS = {"SmallCifarNet": SmallCifarNet, "PowerCifarNet": PowerCifarNet}

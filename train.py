@@ -10,6 +10,7 @@ The training recipe follows airbench94_muon (Keller Jordan, 2024); each trick is
 """
 import argparse
 import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import MODELS, build_model, count_flops, count_parameters
+from models import MODELS, PowerCifarNet, build_model, count_flops, count_parameters
+
+try:
+    import fcntl  # run-folder lock; absent on Windows, where runs are still never overwritten but not locked
+except ImportError:
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the recipe's constants, visible in one place.
@@ -66,8 +73,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # what --precision accepts; the plan pick
 MIN_FREE_DISK_MB = 50
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declared diverged
 MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
+MAX_SEED = 2**32 - 1
 
-DEFAULT_OUT_DIR = "runs/cifar10_optimized"
+RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar10-002, ...
+RUN_PREFIX = "cifar10-"
+RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png")  # what a run writes
+CHECKPOINT_FORMAT = 2  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -84,6 +95,14 @@ class UserError(Exception):
 
 class TrainingFailed(Exception):
     """Training cannot go on (diverged, out of memory at the smallest batch): exit code 3, outputs kept."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM after the last epoch is saved: nothing is left to finish, so the run stops at once."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +219,8 @@ def choose_model(group, cpu_bf16=False):
 
 
 def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False,
-              model=None, width_mult=None, precision=None, world_size=1, local_rank=0, local_world_size=1):
+              model=None, width_mult=None, precision=None, world_size=1, local_rank=0, local_world_size=1,
+              threads=None):
     """Decide devices, model, batch size, learning rate, epochs and precision, each with its reason.
 
     Under torchrun (world_size > 1) the plan is for one rank: its device is GPU local_rank (or the
@@ -274,8 +294,9 @@ def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disa
             raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
                             f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["channels_last"] = True  # measured 1.25x faster on CPU; the tensor-core layout on GPU
-    plan["threads"] = max(1, hw.cpu_count // local_world_size)
-    reasons["threads"] = "one intra-op thread per core (shared among this machine's ranks); no loader workers needed"
+    plan["threads"], reasons["threads"] = _given_or(
+        threads, max(1, hw.cpu_count // local_world_size), "OMP_NUM_THREADS",
+        "one intra-op thread per core (shared among this machine's ranks); no loader workers needed")
     plan["reasons"] = reasons
     return plan
 
@@ -305,6 +326,17 @@ def check_rank_gpu(hw, group, local_rank):
                         f"the slowest. Restart with CUDA_VISIBLE_DEVICES={ids} torchrun --nproc_per_node={len(group)} "
                         f"... so that every rank gets a {group[0].name}.")
     return [mine]
+
+
+def threads_from_environment():
+    """OMP_NUM_THREADS, if set, is the user's word on threads (torchrun sets 1 per rank unless it is given)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"OMP_NUM_THREADS is {value!r}; it must be a whole number of threads, 1 or more. "
+                        f"Set it so, or unset it to use one thread per core.")
+    return int(value)
 
 
 def _given_or(value, default, flag, why):
@@ -407,8 +439,9 @@ class CifarUnpickler(pickle.Unpickler):
     """Unpickles only what CIFAR-10 batches hold (numpy arrays, lists, strings): a pickle that asks for
     anything else, such as a function to call, is refused instead of run."""
 
+    # __builtin__.bytes: how a Python 2 pickle spells an empty byte string (an array with no images).
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode"), ("__builtin__", "bytes")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -424,6 +457,9 @@ def read_batch_file(path):
     except FileNotFoundError:
         raise UserError(f"CIFAR-10 file {path} is missing. Delete the folder {path.parent} and run again "
                         f"to download a fresh copy, or restore the file.") from None
+    except OSError as e:  # a folder where the file should be, no permission, a failing disk
+        raise UserError(f"CIFAR-10 file {path} cannot be read ({e.strerror or e}). Delete the folder "
+                        f"{path.parent} and run again to download a fresh copy, or restore the file.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
             KeyError) as e:
         raise UserError(f"CIFAR-10 file {path} is truncated or not a CIFAR-10 pickle ({type(e).__name__}: {e}). "
@@ -435,8 +471,12 @@ def read_batch_file(path):
         data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
             problem = f"its images have shape {data.shape} and type {data.dtype}, expected (N, 3072) uint8"
-        elif labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        elif len(data) == 0:
+            problem = "it holds no images"
+        elif labels.shape != (len(data),):
             problem = f"it has {labels.size} labels for {len(data)} images"
+        elif not np.issubdtype(labels.dtype, np.integer):
+            problem = f"its labels are of type {labels.dtype}, expected integers 0..9"
         elif len(labels) and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
             problem = f"its labels range over {labels.min()}..{labels.max()}, expected 0..9"
     if problem:
@@ -448,6 +488,11 @@ def read_batch_file(path):
 def load_cifar10(data_dir, download=True):
     """Return (train_images, train_labels, test_images, test_labels) as CPU tensors, uint8 and int64."""
     folder = data_dir / CIFAR10_FOLDER
+    for path in (data_dir, folder):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--data-dir: {path} is a file, but it should be a folder holding {CIFAR10_FOLDER}/. "
+                            f"Point --data-dir at the folder that holds {CIFAR10_FOLDER}/, or at an empty folder "
+                            f"to download CIFAR-10 into.")
     if not folder.is_dir() or not any(folder.iterdir()):
         if not download:
             raise UserError(f"CIFAR-10 is not in {folder}.")
@@ -636,16 +681,22 @@ def memory_gb(device):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second Ctrl-C exits at once."""
+    """Ctrl-C / SIGTERM ask the loop to stop after the current step; a second Ctrl-C exits at once.
+
+    Once every epoch is saved (finishing), there is nothing to save: the stop interrupts at once.
+    """
 
     def __init__(self):
         self.signal = None
+        self.finishing = False
 
     def install(self):
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
+        if self.finishing:
+            raise Interrupted(signum)
         if self.signal is not None:
             # Every file is written by atomic rename, so leaving now tears nothing.
             print("\n[stop] second interrupt: exiting now", file=sys.stderr)
@@ -705,7 +756,8 @@ class Dist:
             return flag
         return bool(self.all_reduce_sum(torch.tensor(float(flag), device=device)).item())
 
-    def broadcast_int(self, value):
+    def broadcast_object(self, value):
+        """Rank 0's value on every rank."""
         if self.world_size == 1:
             return value
         box = [value]
@@ -781,10 +833,40 @@ def check_finite(run):
     """
     streak = int(run.nonfinite_steps.item())
     if streak >= MAX_NONFINITE_STEPS:
-        raise TrainingFailed(
-            f"The loss has been NaN or infinite for {streak} steps in a row at step {run.step}: training diverged. "
-            f"The best model so far and last.pth (the last completed epoch) are kept. Try a lower learning rate, "
-            f"e.g. --lr {run.plan['lr'] / 4:.4g} (now {run.plan['lr']:.4g}), in a new --out-dir.")
+        raise TrainingFailed(divergence_message(run, f"The loss has been NaN or infinite for {streak} steps in a "
+                                                     f"row at step {run.step}"))
+
+
+def check_epoch_finite(run, epoch, test_loss):
+    """At each epoch's end, before anything is saved: weights and test loss must be finite. This catches a
+    divergence in an epoch's last steps, which the streak of check_finite is too short to see."""
+    weights = [t for t in run.net.state_dict().values() if t.is_floating_point()]
+    if not bool(torch.stack([t.isfinite().all() for t in weights]).all()):
+        raise TrainingFailed(divergence_message(run, f"Epoch {epoch} ended with NaN or infinite weights"))
+    if not math.isfinite(test_loss):
+        raise TrainingFailed(divergence_message(run, f"Epoch {epoch} ended with a NaN or infinite test loss"))
+
+
+def divergence_message(run, what):
+    """What happened, what is kept, and what to change: the settings moved away from the recipe, if any."""
+    plan = run.plan
+    if run.best_epoch is None:
+        kept = "Nothing was saved: no epoch finished with a usable model."
+    else:
+        kept = (f"best_model.pth (epoch {run.best_epoch}) and last.pth (the last completed epoch) are kept, "
+                f"untouched by the diverged steps.")
+    # Each of these destabilises training when raised (the SGD steps grow with the batch: rates are per example).
+    recipe = (("--lr", "lr", MUON_LR), ("--weight-decay", "weight_decay", WEIGHT_DECAY_PER_EXAMPLE),
+              ("--batch-size", "batch_size", BATCH_SIZE))
+    unusual = [f"{flag} {plan[key]:g} (the recipe's: {default:g})" for flag, key, default in recipe
+               if plan["reasons"][key] == f"set by {flag}" and plan[key] > default]
+    if unusual:
+        advice = (f"Set away from the recipe, and the likely cause: {', '.join(unusual)}. Start a new run with "
+                  f"values nearer the recipe's.")
+    else:
+        advice = (f"The recipe's own settings rarely diverge: try a lower learning rate in a new run, "
+                  f"e.g. --lr {plan['lr'] / 4:.4g} (now {plan['lr']:.4g}).")
+    return f"{what}: training diverged. {kept} {advice}"
 
 
 def make_progress_bar(total, initial, epoch, epochs):
@@ -836,31 +918,55 @@ def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Outputs: every file is written to a temporary name, flushed and renamed, so a crash leaves
-# either the old file or the new one, never a torn one.
+# 7. Outputs: every file is serialised in memory, written to a temporary name of this process, flushed
+# and renamed, so a crash, a full disk or a second trainer leaves either the old file or the new one,
+# never a torn one.
 
 
-def atomic_write(path, write):
+def atomic_write(path, data):
+    """Write bytes to path atomically. Any failure: the previous file is intact and no temporary file remains."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write {path} ({e.strerror or e}). The previous version of that file, if any, "
-                        f"is unchanged. Free some disk space or choose another --out-dir.") from None
+        raise UserError(write_failure_message(path, e)) from None
+    except BaseException:  # an interrupt mid-write (second Ctrl-C, stop during the final evaluation)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_failure_message(path, error):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            free = f" ({shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there)"
+        except OSError:
+            free = ""
+        cause = f"the disk is full or the file is larger than allowed{free}"
+        fix = ("Free some disk space (or raise the quota) and run again; --resume continues from last.pth if one "
+               "was saved.")
+    else:
+        cause = error.strerror or str(error)
+        fix = "Check that the folder exists and can be written, or choose another --out-dir."
+    return (f"Could not write {path}: {cause}. The previous version of that file, if any, is unchanged and no "
+            f"partial file was left behind. {fix}")
 
 
 def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch.save writing into a file that runs out of space fails with an opaque
+    # RuntimeError from its zip writer; a plain write of the bytes fails with the OSError that names the cause.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def save_json(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, json.dumps(obj, indent=2).encode())
 
 
 def plot_curves(history, path):
@@ -893,8 +999,10 @@ def plot_curves(history, path):
     axes[1].legend()
     fig.suptitle(f"{history['plan']['model']} on {history['plan']['device']}")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(path, buffer.getbuffer())
 
 
 def best_model_payload(run, epoch, test_acc, test_acc_tta=None, tta_level=None):
@@ -950,9 +1058,14 @@ def parse_args(argv=None):
                    help=f"folder holding {CIFAR10_FOLDER}/, downloaded there if missing "
                         f"(default: {DEFAULT_DATA_DIR}, or the resumed run's)")
     p.add_argument("--out-dir", type=Path, default=None,
-                   help=f"folder for the run's outputs (default: {DEFAULT_OUT_DIR}, or the folder of --resume PATH)")
+                   help=f"folder for the run's outputs; one that already holds a run is refused unless --resume "
+                        f"or --overwrite is given (default: a new folder {RUNS_DIR}/{RUN_PREFIX}NNN, or the folder of "
+                        f"--resume PATH)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from PATH, or from OUT_DIR/last.pth when no PATH is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the run already in --out-dir (its files are deleted once the new "
+                        "run has loaded its data and is about to train)")
     p.add_argument("--num-workers", type=int, default=0,
                    help="accepted for compatibility and ignored: the data lives on the training device and is "
                         "augmented there in batches, so there are no loader workers (default: 0)")
@@ -970,8 +1083,8 @@ def parse_args(argv=None):
                         "e.g. \"NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24\"")
     args = p.parse_args(argv)
     validate_args(args)
-    if args.out_dir is None:
-        args.out_dir = Path(args.resume).parent if args.resume else Path(DEFAULT_OUT_DIR)
+    if args.out_dir is None and args.resume:
+        args.out_dir = Path(args.resume).parent
     return args
 
 
@@ -989,28 +1102,123 @@ def validate_args(args):
         bad(f"--weight-decay must be a finite number of 0 or more, got {args.weight_decay}.")
     if args.width_mult is not None and not (math.isfinite(args.width_mult) and 0 < args.width_mult <= 8):
         bad(f"--width-mult must be between 0 and 8, got {args.width_mult}.")
+    if args.width_mult is not None and min(PowerCifarNet.widths_for(args.width_mult)) < 1:
+        bad(f"--width-mult {args.width_mult} leaves a layer of PowerCifarNet without channels "
+            f"(widths {PowerCifarNet.widths_for(args.width_mult)}); use 0.01 or more.")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        bad(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}.")
+    if args.resume == "" and args.out_dir is None:
+        bad("--resume without a PATH continues the run in --out-dir, and no --out-dir was given. Name the run: "
+            f"--resume {RUNS_DIR}/{RUN_PREFIX}NNN/last.pth, or --resume --out-dir {RUNS_DIR}/{RUN_PREFIX}NNN.")
+    if args.resume is not None and args.overwrite:
+        bad("--resume continues a run and --overwrite replaces it: give one of them.")
     if args.width_mult is not None and args.model == "SmallCifarNet":
         bad("--width-mult applies to PowerCifarNet only; SmallCifarNet has fixed widths.")
     if args.log_every is not None and args.log_every < 1:
         bad(f"--log-every must be at least 1, got {args.log_every}.")
 
 
-def prepare_out_dir(out_dir):
-    """Fail before training, not after, if outputs cannot be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file, not a folder. Choose another --out-dir.")
+def holds_run(folder):
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def claim_out_dir(args):
+    """The run's folder, made if needed and locked for this process: --out-dir, the resumed run's, or a new
+    numbered folder under runs/. An existing run is never written over unless --resume or --overwrite says so.
+    Checked before any data is loaded, so a refusal costs nothing.
+
+    Returns (folder, lock, created); release_out_dir undoes it.
+    """
+    out_dir, lock, created = args.out_dir, None, False
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
+        if out_dir is None:
+            out_dir, created = new_run_folder(Path(RUNS_DIR)), True
+        elif out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out-dir {out_dir} is a file, not a folder. Choose another --out-dir.")
+        elif not out_dir.exists():
+            out_dir.mkdir(parents=True)
+            created = True
+        lock = lock_out_dir(out_dir)
+        if holds_run(out_dir) and args.resume is None and not args.overwrite:
+            found = ", ".join(name for name in RUN_FILES if (out_dir / name).exists())
+            raise UserError(f"--out-dir {out_dir} already holds a run ({found}). Continue it with --resume "
+                            f"--out-dir {out_dir}, replace it with --overwrite, or leave out --out-dir to start "
+                            f"the new run in a new folder under {RUNS_DIR}/.")
+        probe = out_dir / f".write_test.{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
+        free_mb = shutil.disk_usage(out_dir).free / 2**20
+        if free_mb < MIN_FREE_DISK_MB:
+            raise UserError(f"Only {free_mb:.0f} MB free where {out_dir} lives; checkpoints need at least "
+                            f"{MIN_FREE_DISK_MB} MB. Free some space or choose another --out-dir.")
+        return out_dir, lock, created
     except OSError as e:
-        raise UserError(f"Cannot write to --out-dir {out_dir} ({e.strerror or e}). "
-                        f"Choose a folder you can write to.") from None
-    free_mb = shutil.disk_usage(out_dir).free / 2**20
-    if free_mb < MIN_FREE_DISK_MB:
-        raise UserError(f"Only {free_mb:.0f} MB free where {out_dir} lives; checkpoints need at least "
-                        f"{MIN_FREE_DISK_MB} MB. Free some space or choose another --out-dir.")
+        release_out_dir(out_dir, lock, created)
+        raise UserError(f"Cannot create or write to the output folder {out_dir or RUNS_DIR} ({e.strerror or e}). "
+                        f"Choose a folder you can write to (each part of its name under 255 characters) "
+                        f"with --out-dir.") from None
+    except BaseException:
+        release_out_dir(out_dir, lock, created)
+        raise
+
+
+def new_run_folder(runs_dir):
+    """runs/cifar10-NNN, numbered one past the highest so far; mkdir claims it even against a trainer started
+    at the same moment."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[len(RUN_PREFIX):]) for p in runs_dir.glob(RUN_PREFIX + "*")
+               if p.name[len(RUN_PREFIX):].isdigit()]
+    number = max(numbers, default=0) + 1
+    while True:
+        folder = runs_dir / f"{RUN_PREFIX}{number:03d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir/.lock for this process's life (the OS drops it when the process ends)."""
+    if fcntl is None:
+        return None
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"Another trainer (PID {holder}) is using {out_dir}. Two trainers in one folder would "
+                        f"overwrite each other's checkpoints: wait for it to finish or stop it, or choose another "
+                        f"--out-dir.") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def release_out_dir(out_dir, lock, created):
+    """Unlock, and remove a folder this run created but never wrote to, so a failed start leaves no clutter.
+
+    The lock file goes while still locked: a trainer opening it in that instant finds it locked and stops,
+    rather than locking a file that is about to vanish.
+    """
+    if lock is not None:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
+    if created and out_dir is not None and not holds_run(out_dir):
+        try:
+            out_dir.rmdir()
+        except OSError:  # something else was put there: leave it
+            pass
+
+
+def remove_previous_run(out_dir):
+    """--overwrite: the old run's files go once the new run is ready to train, so no mix of two runs remains."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 class Run:
@@ -1043,36 +1251,57 @@ def main(argv=None):
         print("[dry-run] nothing trained, no data touched")
         return 0
     dist.init_process_group(plan)
-    if dist.is_main:
-        prepare_out_dir(args.out_dir)
+    out_dir, lock, created = claim_out_dir(args) if dist.is_main else (None, None, False)
+    try:
+        args.out_dir = dist.broadcast_object(out_dir)
+        print(f"[run] outputs go to {args.out_dir}")
+        return train_and_save(args, hw, plan, resume_state, dist)
+    finally:
+        if dist.is_main:
+            release_out_dir(out_dir, lock, created)
+
+
+def train_and_save(args, hw, plan, resume_state, dist):
     torch.set_num_threads(plan["threads"])
     if plan["device"] == "cpu":
         keep_freed_memory()
     seed = resume_state["seed"] if resume_state else (args.seed if args.seed is not None else random.randrange(2**31))
-    seed = dist.broadcast_int(seed)  # every rank must draw the same permutations
+    seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
     torch.manual_seed(seed)
     stage(3, "Loading CIFAR-10")
-    data = load_data_to_device(args.data_dir, torch.device(plan["device"]), dist)
-    run = build_run(args, hw, plan, data, seed, dist)
+    data, fingerprint = load_data_to_device(args.data_dir, torch.device(plan["device"]), dist)
+    run = build_run(args, hw, plan, data, fingerprint, seed, dist)
     if resume_state is not None:
+        check_resume_data(args.resume_path, resume_state, fingerprint, args.data_dir)
         restore_run(run, resume_state)
         run.history["events"].append({"resumed": str(args.resume_path), "at_epoch": run.start_epoch,
                                       "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    elif args.overwrite and dist.is_main:
+        remove_previous_run(args.out_dir)
     run.stop = StopRequest()
     run.stop.install()
     stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
-    if train_loop(run, args, data):
-        finish_run(run, args, data)
-        code = 0
-    else:
-        code = EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
+    try:
+        completed = train_loop(run, args, data)
+        if completed:
+            run.stop.finishing = True  # every epoch is saved: a stop from here on need not wait for anything
+            finish_run(run, args, data)
+    except Interrupted as stop:
+        completed, run.stop.signal = False, stop.signum
+        if dist.is_main:
+            print(f"\n[stop] {signal.Signals(stop.signum).name} during the final evaluation: training is complete "
+                  f"and saved in {args.out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
+                  file=sys.stderr)
+    if completed:
+        dist.close()
+        return 0
+    if dist.is_main:
         launcher = "python" if dist.world_size == 1 else \
             f"torchrun --standalone --nproc_per_node={dist.local_world_size}"  # multi-node: your usual torchrun flags
-        if dist.is_main:
-            print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: {launcher} train.py "
-                  f"--resume {args.out_dir / 'last.pth'} --out-dir {args.out_dir}", file=sys.stderr)
+        print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: {launcher} train.py "
+              f"--resume {args.out_dir / 'last.pth'}", file=sys.stderr)
     dist.close()
-    return code
+    return EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
 
 
 def find_hardware(args):
@@ -1103,7 +1332,7 @@ def plan_run(args, hw, dist):
     else:
         plan = make_plan(hw, args.epochs, args.batch_size, args.lr, args.weight_decay, args.disable_auto,
                          args.model, args.width_mult, args.precision, dist.world_size, dist.local_rank,
-                         dist.local_world_size)
+                         dist.local_world_size, threads_from_environment())
     args.data_dir = args.data_dir or Path(DEFAULT_DATA_DIR)
     model = build_model(plan["model"], **plan["model_kwargs"])
     plan["model_parameters"], plan["model_macs_per_image"] = count_parameters(model), count_flops(model)
@@ -1120,16 +1349,29 @@ def load_data_to_device(data_dir, device, dist):
     else:
         dist.barrier()
         data = load_cifar10(data_dir, download=False)
+    fingerprint = data_fingerprint(*data)
     data = [t.to(device) for t in data]
     print(f"[data] {len(data[0])} training and {len(data[2])} test images on {device} in {time.time() - t0:.1f}s")
-    return data
+    return data, fingerprint
 
 
-def build_run(args, hw, plan, data, seed, dist):
+def data_fingerprint(train_images, train_labels, test_images, test_labels):
+    """Sizes and a hash of every image and label: a resumed run must continue on the data it started on.
+
+    blake2b over the whole dataset costs ~0.3 s for CIFAR-10 on one core, small next to loading it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (train_images, train_labels, test_images, test_labels):
+        digest.update(tensor.contiguous().numpy())
+    return {"train_images": len(train_images), "test_images": len(test_images),
+            "image_shape": list(train_images.shape[1:]), "blake2b": digest.hexdigest()}
+
+
+def build_run(args, hw, plan, data, fingerprint, seed, dist):
     train_images, train_labels, _, _ = data
     device = torch.device(plan["device"])
     run = Run()
     run.plan, run.device, run.seed, run.data_dir, run.dist = plan, device, seed, args.data_dir.resolve(), dist
+    run.data_fingerprint = fingerprint
     stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -1218,6 +1460,7 @@ def train_loop(run, args, data):
                "test_loss": test_loss, "test_acc": test_acc, "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
                "peak_memory_gb": memory_gb(run.device), "batch_size": plan["batch_size"]}
+        check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
         print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}% | "
               f"test loss {test_loss:.3f} acc {test_acc:.2f}% | {row['seconds']:.1f}s, "
@@ -1305,8 +1548,10 @@ def training_state(run, epoch):
     """Full state at `epoch` (completed epochs), plus the position inside the next one."""
     return {
         "kind": "cifar10-trainer-state",
+        "format": CHECKPOINT_FORMAT,
         "dataset": "CIFAR-10",
         "data_dir": str(run.data_dir),
+        "data_fingerprint": run.data_fingerprint,
         "plan": run.plan,
         "seed": run.seed,
         "epoch": epoch,
@@ -1351,6 +1596,7 @@ def load_resume_state(args):
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}. Give the path of a last.pth written by this trainer, "
                         f"or the --out-dir of the run to continue.")
+    verify_checksums(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn, foreign or non-torch file: all the user needs is which file and why
@@ -1359,7 +1605,36 @@ def load_resume_state(args):
     if not isinstance(state, dict) or state.get("kind") != "cifar10-trainer-state" or state.get("dataset") != "CIFAR-10":
         raise UserError(f"--resume: {path} is not a training checkpoint of this trainer for CIFAR-10 "
                         f"(best_model.pth files hold weights only and cannot be resumed). Give a last.pth.")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume: {path} was written by {'an earlier' if state.get('format', 1) < CHECKPOINT_FORMAT else 'a newer'} "
+                        f"version of this trainer (checkpoint format {state.get('format', 1)}; this version reads "
+                        f"format {CHECKPOINT_FORMAT}) and cannot be continued. Its best_model.pth still loads for "
+                        f"inference; start a new run to train further.")
     return state
+
+
+def verify_checksums(path):
+    """torch.load does not check the CRC32 that torch.save stores for each part of its zip file; a flipped bit
+    would go unnoticed into the weights. Reading the file once through zipfile checks them all."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # not a zip file at all (truncated before its index, or foreign): torch.load says so
+    if damaged is not None:
+        raise UserError(f"--resume: {path} is damaged ({damaged} fails its checksum): the file was truncated or "
+                        f"altered on disk. It cannot be continued; if the run's best_model.pth is intact it still "
+                        f"loads, otherwise start a new run.")
+
+
+def check_resume_data(path, state, fingerprint, data_dir):
+    saved = state["data_fingerprint"]
+    if saved != fingerprint:
+        raise UserError(f"--resume: {path} was trained on other data ({saved['train_images']} training and "
+                        f"{saved['test_images']} test images, hash {saved['blake2b']}) than {data_dir} holds now "
+                        f"({fingerprint['train_images']} and {fingerprint['test_images']}, hash "
+                        f"{fingerprint['blake2b']}); its schedule and weights belong to that data. Resume with "
+                        f"--data-dir pointing at the original data, or start a new run.")
 
 
 def check_resume_matches_flags(args, state):
@@ -1396,15 +1671,30 @@ def cli():
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
+        code = report_failure(e, EXIT_BAD_INPUT)
     except TrainingFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = EXIT_TRAINING_FAILED
+        code = report_failure(e, EXIT_TRAINING_FAILED)
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("\n[stop] interrupted before training started; nothing was written", file=sys.stderr)
         code = EXIT_SIGINT
     sys.exit(code)
+
+
+def report_failure(error, code):
+    """One paragraph on stderr. Under torchrun it also goes into the rank's error file, so that torchrun's
+    failure summary, printed last and under its own traceback, ends with this message, not a call stack."""
+    message = f"error: {error}"
+    print(message, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each rank
+    if error_file:
+        # The layout torch.distributed.elastic's ErrorHandler.record_exception writes, less the Python call stack,
+        # which torchrun would show instead of the message.
+        record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        try:
+            Path(error_file).write_text(json.dumps(record))
+        except OSError:
+            pass
+    return code
 
 
 if __name__ == "__main__":

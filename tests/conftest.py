@@ -21,11 +21,11 @@ def tiny_data(tmp_path_factory):
     return data_dir
 
 
-def run_trainer(*args, timeout=300, **popen_kwargs):
-    """Run train.py as a user would; returns the CompletedProcess (text output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def run_trainer(*args, timeout=300, cwd=ROOT, env=None, **popen_kwargs):
+    """Run train.py as a user would, with `env` added to the environment; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT, **popen_kwargs)
+                          text=True, timeout=timeout, env=env, cwd=cwd, **popen_kwargs)
 
 
 def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
@@ -36,8 +36,7 @@ def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
                              "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir), *extra_flags])
     hw, dist = train.Hardware((), 1), train.Dist()
     plan, _ = train.plan_run(args, hw, dist)
-    train.prepare_out_dir(args.out_dir)
-    data = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
-    run = train.build_run(args, hw, plan, data, 0, dist)
+    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
+    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist)
     run.stop = train.StopRequest()
     return run, args, data

@@ -72,7 +72,8 @@ def test_bad_data(case, tmp_path, previous_run, monkeypatch):
     folder = write_tiny_cifar(tmp_path / "data", per_batch=20, test_size=20)
     breaker(folder)
     monkeypatch.setenv("CIFAR10_URL", (tmp_path / "offline.tar.gz").as_uri())  # never touch the network
-    result = run_trainer("--epochs", 1, "--data-dir", tmp_path / "data", "--out-dir", previous_run)
+    # --overwrite: the earlier run is replaced only once the new one is ready to train, so bad data keeps it.
+    result = run_trainer("--epochs", 1, "--data-dir", tmp_path / "data", "--out-dir", previous_run, "--overwrite")
     assert_refused(result, message, previous_run)
 
 

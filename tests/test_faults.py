@@ -1,6 +1,4 @@
 """Faults during training: out of memory, divergence, failing writes."""
-import errno
-
 import pytest
 import torch
 
@@ -50,19 +48,5 @@ def test_diverging_training_stops_with_advice_and_keeps_outputs(tiny_data, tmp_p
     result = run_trainer("--epochs", 3, "--batch-size", 100, "--model", "SmallCifarNet", "--lr", "1e30",
                          "--data-dir", tiny_data, "--out-dir", tmp_path, "--log-every", 5)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "NaN or infinite for" in result.stderr and "Try a lower learning rate, e.g. --lr" in result.stderr
+    assert "training diverged" in result.stderr and "--lr 1e+30 (the recipe's: 0.24)" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_failed_write_keeps_the_previous_file_and_names_it(tmp_path):
-    target = tmp_path / "last.pth"
-    target.write_bytes(b"previous checkpoint")
-
-    def disk_full(f):
-        f.write(b"half a checkp")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(train.UserError, match=f"Could not write {target} \\(No space left on device\\)"):
-        train.atomic_write(target, disk_full)
-    assert target.read_bytes() == b"previous checkpoint"
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]

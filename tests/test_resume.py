@@ -87,7 +87,8 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
     rng = random.Random(0)
     epochs = 4
     for attempt in range(4):
-        resume = ["--resume"] if (tmp_path / "last.pth").exists() else []
+        # Killed before its first last.pth, a run leaves at most a best_model.pth: start it over.
+        resume = ["--resume"] if (tmp_path / "last.pth").exists() else ["--overwrite"]
         process = start_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
                                 *TINY, *resume)
         wait_for_line(process, "--- [6/10]")
@@ -95,7 +96,7 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
         process.kill()
         process.communicate()
         assert_every_file_loads(tmp_path)  # whatever the moment, every file there is whole
-    resume = ["--resume"] if (tmp_path / "last.pth").exists() else []
+    resume = ["--resume"] if (tmp_path / "last.pth").exists() else ["--overwrite"]
     result = run_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
                          *resume)
     assert result.returncode == 0, result.stderr
