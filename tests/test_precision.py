@@ -7,11 +7,14 @@ import torch
 
 import train
 from conftest import build_tiny_run
+from tiny_cifar import write_tiny_cifar
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_step_path(tiny_data, tmp_path, precision):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, 100)
+def test_mixed_precision_training_step_path(tmp_path, precision):
+    # 50 training images: CPUs without bf16/fp16 units emulate these convolutions, slowly.
+    write_tiny_cifar(tmp_path / "data", per_batch=10, test_size=50)
+    run, args, data = build_tiny_run(tmp_path / "data", tmp_path, 25)
     run.autocast_dtype, run.scaler = train.make_precision(precision, run.device)
     assert run.autocast_dtype in (torch.bfloat16, torch.float16)
     assert train.train_loop(run, args, data)
