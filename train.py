@@ -734,8 +734,7 @@ class Dist:
 
         The barrier carries no tensors: once it returns, gloo's worker threads have let go of the tensors of
         earlier collectives. A worker still holding one while the interpreter shuts down aborts the process
-        ("terminate called without an active exception"; seen in ~10% of 2-rank CPU runs without the barrier).
-        DDP keeps the group alive past destroy_process_group, so the barrier is what makes the exit safe.
+        ("terminate called without an active exception"; seen in 2-rank CPU runs without the barrier).
         """
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -765,6 +764,24 @@ class Dist:
         return box[0]
 
     @torch.no_grad()
+    def average_gradients(self, model):
+        """Average every gradient over the ranks: one all-reduce of one flat buffer, in parameter order.
+
+        Written by hand instead of wrapping the model in DDP: DDP regroups its gradient buckets after its
+        first step, so a resumed run (a fresh DDP) sums some gradients in another order than the uninterrupted
+        run did, and with 3+ ranks (float sums are not associative) drifts from it in every weight. A fixed
+        order makes torchrun resumes bit-exact. Nothing overlaps the backward pass, which for these small
+        networks costs nothing measurable (bench/RESULTS.md). Frozen parameters have no gradient and are skipped.
+        """
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
+        torch.distributed.all_reduce(flat)
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
+
+    @torch.no_grad()
     def sync_state_from_main(self, model):
         if self.world_size > 1:
             for tensor in model.state_dict().values():
@@ -774,12 +791,7 @@ class Dist:
 def train_one_epoch(run, epoch, skip=0):
     """Train one epoch (from batch `skip` on). Returns False if a stop was requested mid-epoch."""
     # The whitening bias adapts to the data early, then freezes so it cannot drift.
-    trains_whiten_bias = epoch < WHITEN_BIAS_EPOCHS
-    if run.net.whiten.bias.requires_grad != trains_whiten_bias:
-        run.net.whiten.bias.requires_grad = trains_whiten_bias
-        if run.plan["parallel"] == "DistributedDataParallel":
-            # DDP waits for a gradient of every parameter that trained when it was built: build it anew.
-            run.model = distributed_model(run.net, run.plan)
+    run.net.whiten.bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS
     model, optimizer, plan = run.model, run.optimizer, run.plan
     batches = run.train_batches
     steps_per_epoch = len(batches)
@@ -787,7 +799,7 @@ def train_one_epoch(run, epoch, skip=0):
     bar = make_progress_bar(steps_per_epoch, skip, epoch, plan["epochs"])
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         set_learning_rates(optimizer, plan, run.step, steps_per_epoch)
-        outputs, loss = training_step(model, optimizer, run.scaler, inputs, labels, run.autocast_dtype)
+        outputs, loss = training_step(model, optimizer, run.scaler, inputs, labels, run.autocast_dtype, run.dist)
         run.step += 1
         # Running sums stay on the device: no per-step synchronisation with the host.
         run.epoch_sums += torch.stack([loss.detach().float() * len(labels),
@@ -814,13 +826,16 @@ def train_one_epoch(run, epoch, skip=0):
     return True
 
 
-def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype):
-    """Forward, label-smoothed loss, backward and one optimiser step; returns the outputs and the loss."""
+def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None):
+    """Forward, label-smoothed loss, backward (gradients averaged over torchrun's ranks) and one optimiser
+    step; returns the outputs and the loss."""
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         outputs = model(inputs)
         loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if dist is not None:
+        dist.average_gradients(model)  # before the scaler's inf check, so every rank skips the same steps
     scaler.step(optimizer)
     scaler.update()
     return outputs, loss
@@ -1382,8 +1397,7 @@ def build_run(args, hw, plan, data, fingerprint, seed, dist):
         stage(5, f"DataParallel over devices {plan['device_ids']}")
         run.model = nn.DataParallel(run.net, device_ids=plan["device_ids"], output_device=plan["device_ids"][0])
     elif plan["parallel"] == "DistributedDataParallel":
-        stage(5, f"DistributedDataParallel over {dist.world_size} ranks")
-        run.model = distributed_model(run.net, plan)
+        stage(5, f"DistributedDataParallel over {dist.world_size} ranks: gradients averaged by all-reduce")
     else:
         stage(5, "single device, no DataParallel")
     run.autocast_dtype, run.scaler = make_precision(plan["precision"], device)
@@ -1398,11 +1412,6 @@ def build_run(args, hw, plan, data, fingerprint, seed, dist):
     run.history = {"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
                    "epochs": [], "events": []}
     return run
-
-
-def distributed_model(net, plan):
-    """DDP over this rank's GPU (or the CPU). Built here and again when a parameter stops training."""
-    return nn.parallel.DistributedDataParallel(net, device_ids=plan["device_ids"] or None)
 
 
 def make_precision(precision, device):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, run_trainer
 from train import evaluate, load_cifar10, load_trained_model
@@ -16,34 +17,39 @@ TINY = ["--model", "SmallCifarNet", "--seed", "4", "--tta", "1"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
-def torchrun_command(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun_command(*args, ranks=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
             str(ROOT / "train.py"), *map(str, args)]
 
 
-def torchrun(*args):
-    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+def torchrun(*args, ranks=2):
+    return subprocess.run(torchrun_command(*args, ranks=ranks), capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=ROOT)
+
+
+# 3 ranks: with 2, every float sum a + b is the same in any order, which would hide a resume that reduces
+# gradients in another order; 4 epochs: past WHITEN_BIAS_EPOCHS, where a parameter stops training.
+DDP_RUN = ["--epochs", 4, "--batch-size", 198, *TINY]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    # 4 epochs: past WHITEN_BIAS_EPOCHS, where a parameter stops training under DDP.
-    result = torchrun("--epochs", 4, "--batch-size", 200, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    result = torchrun(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", out, ranks=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
 
-def test_two_ranks_train_and_write_outputs_once(ddp_run):
+def test_three_ranks_train_and_write_outputs_once(ddp_run):
     out, result = ddp_run
     assert sorted(p.name for p in out.iterdir()) == ["best_model.pth", "last.pth", "training_curves.png",
                                                      "training_history.json"]
     assert result.stdout.count("--- [1/10] Starting ---") == 1  # only rank 0 prints
-    assert "DistributedDataParallel over 2 ranks" in result.stdout
+    assert "DistributedDataParallel over 3 ranks" in result.stdout
     history = json.loads((out / "training_history.json").read_text())
     assert history["plan"]["parallel"] == "DistributedDataParallel"
-    assert history["plan"]["world_size"] == 2 and history["plan"]["batch_size"] == 200
-    assert [row["batch_size"] for row in history["epochs"]] == [200] * 4
+    assert history["plan"]["world_size"] == 3 and history["plan"]["batch_size"] == 198
+    assert [row["batch_size"] for row in history["epochs"]] == [198] * 4
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]
 
 
@@ -86,23 +92,27 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
         make_plan(Hardware((), 2), batch_size=301, world_size=2, local_world_size=2)
 
 
-def test_sigterm_under_torchrun_saves_and_resume_completes(tiny_data, tmp_path):
-    command = torchrun_command("--epochs", 3, "--batch-size", 100, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+def test_sigterm_under_torchrun_saves_and_resume_matches_the_uninterrupted_run(ddp_run, tiny_data, tmp_path):
+    command = torchrun_command(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", tmp_path, ranks=3)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     for line in process.stdout:
-        if "[epoch 1/3]" in line:
+        if "[epoch 1/4]" in line:
             break
     process.terminate()  # torchrun passes SIGTERM on to every rank
     _, stderr = process.communicate(timeout=120)
-    assert "Resume with: torchrun --standalone --nproc_per_node=2 train.py --resume" in stderr
+    assert "Resume with: torchrun --standalone --nproc_per_node=3 train.py --resume" in stderr
     stopped_at = json.loads((tmp_path / "training_history.json").read_text())["epochs"]
-    assert 1 <= len(stopped_at) < 3
+    assert 1 <= len(stopped_at) < 4
 
-    result = torchrun("--resume", "--out-dir", tmp_path)
+    result = torchrun("--resume", "--out-dir", tmp_path, ranks=3)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "training_history.json").read_text())
-    assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+    assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]
     assert history["events"][0]["resumed"].endswith("last.pth")
+    uninterrupted, _ = ddp_run
+    expected = torch.load(uninterrupted / "last.pth", weights_only=True)["model"]
+    for name, tensor in torch.load(tmp_path / "last.pth", weights_only=True)["model"].items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_resuming_a_torchrun_run_without_torchrun_is_refused(ddp_run):
@@ -110,5 +120,5 @@ def test_resuming_a_torchrun_run_without_torchrun_is_refused(ddp_run):
     before = (out / "last.pth").read_bytes()
     result = run_trainer("--resume", "--out-dir", out)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "is a run of 2 process(es) and this is 1" in result.stderr
+    assert "is a run of 3 process(es) and this is 1" in result.stderr
     assert (out / "last.pth").read_bytes() == before
