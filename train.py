@@ -579,6 +579,23 @@ def make_model(plan, train_images, device):
     return model
 
 
+class AutocastForward(nn.Module):
+    """The network with autocast entered inside its own forward, for nn.DataParallel.
+
+    Autocast state is per thread. DataParallel runs each replica in a thread of its own that re-enters
+    autocast with the parent's on/off flag but not its dtype, so on CUDA the replicas would compute in
+    the default fp16, unscaled, where the plan said bf16. Entered here, inside the replica, the dtype holds.
+    """
+
+    def __init__(self, net, dtype):
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.net(x)
+
+
 def orthogonalize(matrix, steps=3):
     """Push every singular value of `matrix` towards 1, keeping its singular vectors (Newton-Schulz).
 
@@ -1393,14 +1410,15 @@ def build_run(args, hw, plan, data, fingerprint, seed, dist):
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     run.net = make_model(plan, train_images, device)
     run.model = run.net
+    run.autocast_dtype, run.scaler = make_precision(plan["precision"], device)
     if plan["parallel"] == "DataParallel":
         stage(5, f"DataParallel over devices {plan['device_ids']}")
-        run.model = nn.DataParallel(run.net, device_ids=plan["device_ids"], output_device=plan["device_ids"][0])
+        run.model = nn.DataParallel(AutocastForward(run.net, run.autocast_dtype), device_ids=plan["device_ids"],
+                                    output_device=plan["device_ids"][0])
     elif plan["parallel"] == "DistributedDataParallel":
         stage(5, f"DistributedDataParallel over {dist.world_size} ranks: gradients averaged by all-reduce")
     else:
         stage(5, "single device, no DataParallel")
-    run.autocast_dtype, run.scaler = make_precision(plan["precision"], device)
     run.optimizer = make_optimizer(run.net, plan)
     run.log_every_flag = args.log_every
     make_train_batches(run, train_images, train_labels)

@@ -23,7 +23,7 @@ def tiny_data(tmp_path_factory):
 
 def run_trainer(*args, timeout=300, cwd=ROOT, env=None, **popen_kwargs):
     """Run train.py as a user would, with `env` added to the environment; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=cwd, **popen_kwargs)
 

@@ -17,7 +17,7 @@ TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--tta", "0"]
 def start_trainer(*args):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
 
 
 def wait_for_line(process, text, timeout=120):

@@ -25,7 +25,7 @@ def make_images(labels, rng):
 
 
 def write_batch(path, labels, images, label="training batch"):
-    batch = {"batch_label": label, "labels": [int(x) for x in labels], "data": images.reshape(len(images), -1),
+    batch = {"batch_label": label, "labels": [int(x) for x in labels], "data": images.reshape(len(images), 3 * 32 * 32),
              "filenames": [f"img_{i}.png" for i in range(len(images))]}
     with open(path, "wb") as f:
         pickle.dump(batch, f, protocol=2)

@@ -1,0 +1,84 @@
+"""The GPU code paths' faults that can be shown without a GPU, each reproduced on the CPU.
+
+What cannot be shown here (CUDA kernels, NCCL, real DataParallel replicas, the CUDA caching allocator) is
+tested by tests/test_gpu.py wherever CUDA exists.
+"""
+import threading
+
+import pytest
+import torch
+
+import train
+from conftest import build_tiny_run
+from models import SmallCifarNet
+
+
+def dtype_inside_a_replica_thread(module, net, autocast_dtype):
+    """What nn.DataParallel does per replica (torch/nn/parallel/parallel_apply.py, _worker): a new thread
+    re-enters autocast with the parent's on/off flag only. Returns the dtype net's first conv computed in."""
+    seen = []
+    hook = net.layers[0].conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    def replica(enabled):
+        with torch.autocast("cpu", enabled=enabled):  # no dtype given
+            module(torch.randn(2, 3, 32, 32))
+
+    with torch.autocast("cpu", dtype=autocast_dtype):  # the trainer's step, in the main thread
+        thread = threading.Thread(target=replica, args=(torch.is_autocast_enabled("cpu"),))
+        thread.start()
+        thread.join()
+    hook.remove()
+    return seen[0]
+
+
+def test_dataparallel_replicas_keep_the_planned_autocast_dtype():
+    net = SmallCifarNet()
+    # The fault: a bare network in a replica thread computes in the device's default autocast dtype (the CPU's
+    # is bf16, CUDA's fp16), not in the one the step asked for.
+    assert dtype_inside_a_replica_thread(net, net, torch.float16) == torch.bfloat16
+    # The fix: autocast entered inside the replicated module.
+    for dtype in (torch.float16, torch.bfloat16):
+        assert dtype_inside_a_replica_thread(train.AutocastForward(net, dtype), net, dtype) == dtype
+
+
+class CountHostSyncs:
+    """Counts, while active, what makes a GPU step wait: tensors built from host values on the training
+    device (torch.tensor(..., device=...)) and reads of device values (.item(), .tolist())."""
+
+    def __init__(self, monkeypatch):
+        self.constructions, self.reads = 0, 0
+        tensor, item, tolist = torch.tensor, torch.Tensor.item, torch.Tensor.tolist
+
+        def counting_tensor(*args, **kwargs):
+            self.constructions += kwargs.get("device") is not None
+            return tensor(*args, **kwargs)
+
+        def counting(read):
+            def wrapper(t):
+                self.reads += 1
+                return read(t)
+            return wrapper
+
+        monkeypatch.setattr(torch, "tensor", counting_tensor)
+        monkeypatch.setattr(torch.Tensor, "item", counting(item))
+        monkeypatch.setattr(torch.Tensor, "tolist", counting(tolist))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one process, so the loop runs its torchrun branch in this process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_no_host_sync_per_training_step(tiny_data, tmp_path, monkeypatch, torchrun, request):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, 50, "--log-every", "20")
+    if torchrun:
+        request.getfixturevalue("one_rank_group")
+        run.dist = train.Dist(rank=0, world_size=2)  # takes the torchrun branches; the group itself has one rank
+    counter = CountHostSyncs(monkeypatch)
+    assert train.train_one_epoch(run, epoch=0)  # 20 steps, one log point (its last)
+    # Only the log point reads the device (the loss streak, the running sums, under torchrun the stop vote).
+    assert counter.constructions <= 1 and counter.reads <= 3, (counter.constructions, counter.reads)
