@@ -11,6 +11,7 @@ The training recipe follows airbench94_muon (Keller Jordan, 2024); each trick is
 import argparse
 import ctypes
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -505,9 +506,15 @@ def load_cifar10(data_dir, download=True):
 
 
 def normalize(images_uint8, dtype=torch.float32):
-    mean = torch.tensor(CIFAR_MEAN, device=images_uint8.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images_uint8.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = normalization_tensors(images_uint8.device, dtype)
     return (images_uint8.to(dtype) / 255 - mean) / std
+
+
+@functools.lru_cache
+def normalization_tensors(device, dtype):
+    """Made once per device: copying them from the host for every batch would make the GPU wait each step."""
+    return (torch.tensor(CIFAR_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
 
 
 def translate_batch(images, shifts):
@@ -818,23 +825,27 @@ def train_one_epoch(run, epoch, skip=0):
         set_learning_rates(optimizer, plan, run.step, steps_per_epoch)
         outputs, loss = training_step(model, optimizer, run.scaler, inputs, labels, run.autocast_dtype, run.dist)
         run.step += 1
-        # Running sums stay on the device: no per-step synchronisation with the host.
-        run.epoch_sums += torch.stack([loss.detach().float() * len(labels),
-                                       (outputs.argmax(1) == labels).sum().float(),
-                                       torch.tensor(float(len(labels)), device=run.device)])
+        # Running sums stay on the device, built from device values only: no per-step wait for the host.
+        loss = loss.detach().float()
+        run.epoch_sums += torch.stack([loss * len(labels), (outputs.argmax(1) == labels).sum().float(),
+                                       loss.new_full((), len(labels))])
         run.batch_in_epoch = b + 1
         if bar is not None:
             bar.update(1)
         # Counted on the device, checked at log points: no per-step synchronisation on GPU.
-        run.nonfinite_steps = torch.where(torch.isfinite(loss.detach()), 0, run.nonfinite_steps + 1)
-        if (b + 1) % run.log_every == 0 or b + 1 == steps_per_epoch:
+        run.nonfinite_steps = torch.where(torch.isfinite(loss), 0, run.nonfinite_steps + 1)
+        at_log_point = (b + 1) % run.log_every == 0 or b + 1 == steps_per_epoch
+        if at_log_point:
             check_finite(run)
             loss_sum, correct, seen = run.epoch_sums.tolist()
             line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
                     f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}% | "
                     f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.mem_label}: {memory_gb(run.device):.1f}GB")
             (bar.write if bar is not None else print)(line)
-        if run.dist.any(run.stop.signal is not None, run.device) and b + 1 < steps_per_epoch:
+        # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
+        # collective and a wait for the GPU, so they vote only at log points.
+        if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
+                and b + 1 < steps_per_epoch:
             if bar is not None:
                 bar.close()
             return False
