@@ -610,7 +610,7 @@ def orthogonalize(matrix, steps=3):
     values roughly in [0.5, 1.5], which trains as well as exact orthogonalisation (Muon, K. Jordan).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.bfloat16() if matrix.is_cuda else matrix.float()  # CPUs without bf16 units: fp32 is faster
+    x = matrix.to(newton_schulz_dtype(matrix.device))
     x = x / (x.norm() + 1e-7)  # Frobenius norm 1 bounds every singular value by 1
     tall = x.size(0) > x.size(1)
     if tall:
@@ -619,6 +619,15 @@ def orthogonalize(matrix, steps=3):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.T if tall else x).to(matrix.dtype)
+
+
+def newton_schulz_dtype(device):
+    """bf16 on GPUs that compute it natively (compute capability 8.0+), where the iteration tolerates it and
+    runs faster; fp32 elsewhere: older GPUs emulate bf16 slowly (V100, T4) or lack it (P100), and CPUs
+    without bf16 units run fp32 faster."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
 
 
 class Muon(torch.optim.Optimizer):
@@ -638,7 +647,9 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
-                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffer = self.state[p]["momentum_buffer"]
                 buffer.mul_(group["momentum"]).add_(grad)
                 update = grad.add(buffer, alpha=group["momentum"])  # Nesterov
                 if group["orthogonalize"]:

@@ -82,3 +82,25 @@ def test_no_host_sync_per_training_step(tiny_data, tmp_path, monkeypatch, torchr
     assert train.train_one_epoch(run, epoch=0)  # 20 steps, one log point (its last)
     # Only the log point reads the device (the loss streak, the running sums, under torchrun the stop vote).
     assert counter.constructions <= 1 and counter.reads <= 3, (counter.constructions, counter.reads)
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_gpu_computes_it(monkeypatch):
+    # No CUDA here: the capability query is answered as a V100 (7.0) and an A100 (8.0) would answer it.
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    assert train.newton_schulz_dtype(gpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert train.newton_schulz_dtype(gpu) == torch.bfloat16
+    assert train.newton_schulz_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_optimizer_allocates_momentum_buffers_once(monkeypatch):
+    net = SmallCifarNet()
+    optimizer = train.make_optimizer(net, {"weight_decay": 0.0})
+    allocations, zeros_like = [], torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda t: allocations.append(t.shape) or zeros_like(t))
+    for _ in range(3):
+        net(torch.randn(4, 3, 32, 32)).sum().backward()
+        optimizer.step()
+    trained = [p for p in net.parameters() if p.requires_grad]
+    assert len(allocations) == len(trained)  # the first step's, none after
