@@ -19,7 +19,6 @@ import math
 import os
 import pickle
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -37,10 +36,14 @@ from torch import nn
 
 from models import MODELS, PowerCifarNet, build_model, count_flops, count_parameters
 
-try:
-    import fcntl  # run-folder lock; absent on Windows, where runs are still never overwritten but not locked
+try:  # absent on Windows, where runs are still never overwritten but their folder is not locked
+    import fcntl
 except ImportError:
     fcntl = None
+try:  # the process's peak memory on the CPU; absent on Windows, where it is reported as n/a
+    import resource
+except ImportError:
+    resource = None
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: the recipe's constants, visible in one place.
@@ -709,10 +712,24 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def peak_memory_gb(devices):
+    """Peak memory per device since the epoch began (GPUs), or of the whole process so far (CPU); [] if unknown."""
+    if devices[0].type == "cuda":
+        return [torch.cuda.max_memory_allocated(d) / 2**30 for d in devices]
+    if resource is None:
+        return []
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return [peak / (2**30 if sys.platform == "darwin" else 2**20)]  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_memory(devices):
+    if devices[0].type == "cuda":
+        for device in devices:
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_text(peaks, digits=2):
+    return "/".join(f"{gb:.{digits}f}" for gb in peaks) + "GB" if peaks else "n/a"
 
 
 class StopRequest:
@@ -851,7 +868,8 @@ def train_one_epoch(run, epoch, skip=0):
             loss_sum, correct, seen = run.epoch_sums.tolist()
             line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
                     f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}% | "
-                    f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.mem_label}: {memory_gb(run.device):.1f}GB")
+                    f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.mem_label}: "
+                    f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
@@ -951,24 +969,44 @@ def predict(model, inputs, tta):
 @torch.no_grad()
 def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
     """Mean loss and accuracy (%) over the whole set. Under torchrun each rank takes a shard and the
-    sums are added across ranks, so the result is exact and the same on every rank."""
+    sums are added across ranks, so the result is exact and the same on every rank.
+
+    Out of memory (a small GPU, test-time augmentation): the evaluation starts over with half the batch.
+    """
     model.eval()
     n = len(images)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     shard = slice(rank * n // world, (rank + 1) * n // world)
-    images, labels = images[shard], labels[shard]
-    sums = torch.zeros(2, device=images.device, dtype=torch.float64)
-    for start in range(0, len(images), EVAL_BATCH_SIZE):
-        inputs = normalize(images[start:start + EVAL_BATCH_SIZE]).contiguous(memory_format=torch.channels_last)
-        targets = labels[start:start + EVAL_BATCH_SIZE]
-        with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = predict(model, inputs, tta).float()
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum")
-        sums[1] += (logits.argmax(1) == targets).sum()
+    batch_size = EVAL_BATCH_SIZE
+    while (sums := evaluation_sums(model, images[shard], labels[shard], tta, autocast_dtype, batch_size)) is None:
+        if batch_size == 1:
+            raise TrainingFailed("Out of GPU memory while evaluating a single image. Free the GPU (other "
+                                 "processes?); the trained weights are saved in best_model.pth and last.pth.")
+        batch_size //= 2
+        if images.device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[oom] out of memory while evaluating: retrying with batch size {batch_size}", file=sys.stderr)
     if dist:
         dist.all_reduce_sum(sums)
     loss_sum, correct = sums.tolist()
     return loss_sum / n, 100.0 * correct / n
+
+
+@torch.no_grad()
+def evaluation_sums(model, images, labels, tta, autocast_dtype, batch_size):
+    """Summed loss and correct predictions; None if the device ran out of memory (its tensors freed by then)."""
+    sums = torch.zeros(2, device=images.device, dtype=torch.float64)
+    try:
+        for start in range(0, len(images), batch_size):
+            inputs = normalize(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+            targets = labels[start:start + batch_size]
+            with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = predict(model, inputs, tta).float()
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum")
+            sums[1] += (logits.argmax(1) == targets).sum()
+    except torch.OutOfMemoryError:
+        return None
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1445,6 +1483,8 @@ def build_run(args, hw, plan, data, fingerprint, seed, dist):
     run.log_every_flag = args.log_every
     make_train_batches(run, train_images, train_labels)
     run.mem_label = "GPU Mem" if device.type == "cuda" else "Mem"
+    # Every GPU of a DataParallel group: the master holds more than the others, and any of them can run out.
+    run.memory_devices = [torch.device("cuda", i) for i in plan["device_ids"]] or [device]
     run.step, run.start_epoch, run.batch_in_epoch = 0, 0, 0
     run.epoch_sums = torch.zeros(3, device=device)
     run.nonfinite_steps = torch.zeros((), device=device)
@@ -1476,7 +1516,6 @@ def train_loop(run, args, data):
     _, _, test_images, test_labels = data
     epoch, epoch_start = run.start_epoch, None
     while epoch < plan["epochs"]:
-        t0 = time.time()
         skip = run.batch_in_epoch
         if skip == 0:
             run.epoch_sums.zero_()
@@ -1485,9 +1524,13 @@ def train_loop(run, args, data):
             # A copy of the state at the epoch's start, to retry it after running out of memory.
             # (Under torchrun the ranks cannot change their batch size on their own.)
             epoch_start = copy_state(training_state(run, epoch)) if run.dist.world_size == 1 else None
+        reset_peak_memory(run.memory_devices)
+        t0 = time.time()
         try:
             completed = train_one_epoch(run, epoch, skip)
         except torch.OutOfMemoryError:
+            completed = None  # handled below: inside this block the failed step's activations are still alive
+        if completed is None:
             if epoch_start is None:
                 raise TrainingFailed(f"Out of GPU memory in epoch {epoch + 1} with batch size {plan['batch_size']}. "
                                      f"last.pth holds the last completed epoch: start a new run with a smaller "
@@ -1505,15 +1548,17 @@ def train_loop(run, args, data):
         run.dist.sync_state_from_main(run.net)  # BatchNorm statistics drift per rank; evaluate rank 0's
         loss_sum, correct, seen = run.epoch_sums.tolist()
         test_loss, test_acc = evaluate(run.net, test_images, test_labels, 0, run.autocast_dtype, run.dist)
+        peaks = peak_memory_gb(run.memory_devices)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                "test_loss": test_loss, "test_acc": test_acc, "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
-               "peak_memory_gb": memory_gb(run.device), "batch_size": plan["batch_size"]}
+               "peak_memory_gb": max(peaks, default=None), "peak_memory_gb_per_device": peaks,
+               "batch_size": plan["batch_size"]}
         check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
         print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}% | "
               f"test loss {test_loss:.3f} acc {test_acc:.2f}% | {row['seconds']:.1f}s, "
-              f"{row['images_per_s']:.0f} img/s, {run.mem_label} {row['peak_memory_gb']:.2f}GB", flush=True)
+              f"{row['images_per_s']:.0f} img/s, {run.mem_label} {memory_text(peaks)}", flush=True)
         run.batch_in_epoch = 0
         epoch += 1
         best = None
@@ -1556,6 +1601,9 @@ def back_off_batch_size(run, epoch_start, data):
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
     epoch = epoch_start["epoch"]
+    # A fresh gradient scaler: a failure inside its step leaves the old one's per-optimizer stage half-way
+    # (gradients unscaled or not), which load_state_dict does not reset.
+    _, run.scaler = make_precision(plan["precision"], run.device)
     restore_run(run, epoch_start)
     plan["batch_size"] = new_batch
     plan["reasons"]["batch_size"] = f"halved from {old_batch} after running out of memory"
@@ -1579,7 +1627,8 @@ def finish_run(run, args, data):
     history = run.history
     history["final"] = {"best_epoch": run.best_epoch, "test_acc": run.best_acc, "test_acc_tta": tta_acc,
                         "tta_level": args.tta, "train_seconds": sum(r["seconds"] for r in history["epochs"]),
-                        "peak_memory_gb": max(r["peak_memory_gb"] for r in history["epochs"])}
+                        "peak_memory_gb": max((r["peak_memory_gb"] for r in history["epochs"]
+                                               if r["peak_memory_gb"] is not None), default=None)}
     if run.dist.is_main:
         best = best_model_payload(run, run.best_epoch, run.best_acc, tta_acc, args.tta)
         save_checkpoint(best, args.out_dir / "best_model.pth")

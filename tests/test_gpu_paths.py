@@ -4,6 +4,7 @@ What cannot be shown here (CUDA kernels, NCCL, real DataParallel replicas, the C
 tested by tests/test_gpu.py wherever CUDA exists.
 """
 import threading
+import weakref
 
 import pytest
 import torch
@@ -104,3 +105,60 @@ def test_optimizer_allocates_momentum_buffers_once(monkeypatch):
         optimizer.step()
     trained = [p for p in net.parameters() if p.requires_grad]
     assert len(allocations) == len(trained)  # the first step's, none after
+
+
+def test_out_of_memory_back_off_runs_after_the_failed_steps_tensors_are_freed(tiny_data, tmp_path, monkeypatch):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
+    forward, failed_step_tensors = run.net.forward, []
+
+    def forward_running_out(x):
+        if run.net.training and not failed_step_tensors:
+            activation = forward(x)  # what the failed step had built when memory ran out
+            failed_step_tensors.append(weakref.ref(activation))
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return forward(x)
+
+    monkeypatch.setattr(run.net, "forward", forward_running_out)
+    back_off, alive_at_back_off = train.back_off_batch_size, []
+
+    def back_off_spy(*a):
+        alive_at_back_off.append(failed_step_tensors[0]() is not None)
+        return back_off(*a)
+
+    monkeypatch.setattr(train, "back_off_batch_size", back_off_spy)
+    assert train.train_loop(run, args, data)
+    # On a GPU, empty_cache() can only return memory that nothing references any more.
+    assert alive_at_back_off == [False]
+
+
+def test_out_of_memory_inside_the_fp16_scaler_step_retries_with_a_fresh_scaler(tiny_data, tmp_path, monkeypatch):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
+    # The gradient scaler of the fp16 plan, here around fp32 arithmetic (emulated fp16 is slow on a CPU); the
+    # scaler's stages are the same.
+    run.scaler = torch.amp.GradScaler("cpu")
+    step, calls = run.optimizer.step, {"n": 0}
+
+    def step_running_out(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the scaler has unscaled the gradients when the optimiser runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return step(*a, **k)
+
+    monkeypatch.setattr(run.optimizer, "step", step_running_out)
+    assert train.train_loop(run, args, data)
+    assert run.history["events"] == [{"out_of_memory": {"epoch": 1, "batch_size": 100}}]
+    # With the old scaler the retried epoch's first step applied still-scaled gradients (x65536) to the
+    # biases and head, and training fell apart.
+    assert run.history["epochs"][-1]["test_acc"] > 50
+    assert all(torch.isfinite(p).all() for p in run.net.parameters())
+
+
+def test_evaluation_out_of_memory_retries_with_smaller_batches(tiny_data, tmp_path, monkeypatch, capsys):
+    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
+    _, _, test_x, test_y = data
+    expected = train.evaluate(run.net, test_x, test_y, tta=2)
+    forward = run.net.forward
+    monkeypatch.setattr(run.net, "forward", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
+                        if len(x) > 50 else forward(x))
+    assert train.evaluate(run.net, test_x, test_y, tta=2) == pytest.approx(expected)
+    assert "retrying with batch size 50" in capsys.readouterr().err
