@@ -298,11 +298,49 @@ def make_plan(hw, epochs=None, batch_size=None, lr=None, weight_decay=None, disa
             raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
                             f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["channels_last"] = True  # measured 1.25x faster on CPU; the tensor-core layout on GPU
-    plan["threads"], reasons["threads"] = _given_or(
-        threads, max(1, hw.cpu_count // local_world_size), "OMP_NUM_THREADS",
-        "one intra-op thread per core (shared among this machine's ranks); no loader workers needed")
+    plan["threads"], reasons["threads"] = plan_threads(hw, local_world_size, threads)
     plan["reasons"] = reasons
     return plan
+
+
+def plan_threads(hw, local_world_size, threads):
+    return _given_or(threads, max(1, hw.cpu_count // local_world_size), "OMP_NUM_THREADS",
+                     "one intra-op thread per core (shared among this machine's ranks); no loader workers needed")
+
+
+def place_resumed_plan(saved, hw, world_size=1, local_rank=0, local_world_size=1, threads=None):
+    """A resumed run keeps its model, schedule and precision; where it runs follows the machine it resumes on:
+    each torchrun rank its own GPU, as many GPUs as it had (or as there are), or the CPU if there is none
+    (or --device cpu). Returns the plan and what changed, to be said. Refuses a precision this machine lacks.
+    """
+    if world_size > 1:
+        group = check_rank_gpu(hw, choose_gpu_group(hw.gpus)[0], local_rank) if hw.gpus else []
+    elif saved["device_ids"] and hw.gpus:
+        group = choose_gpu_group(hw.gpus)[0][:len(saved["device_ids"])]
+    else:
+        group = []
+    plan = dict(saved, reasons=dict(saved["reasons"]), device=f"cuda:{group[0].index}" if group else "cpu",
+                device_ids=[g.index for g in group], gpu_name=group[0].name if group else None, ignored_gpus=[])
+    if world_size == 1:
+        plan["parallel"] = "DataParallel" if len(group) > 1 else "none"
+    plan["threads"], plan["reasons"]["threads"] = plan_threads(hw, local_world_size, threads)
+
+    def where(p):
+        return f"{len(p['device_ids'])} x {p['gpu_name']}" if p["device_ids"] else "the CPU"
+
+    try:
+        check_precision(plan["precision"], group)
+    except UserError:
+        raise UserError(f"--resume: this run trains in {plan['precision']}, which {where(plan)} here cannot run "
+                        f"(it started on {where(saved)}). Resume it on a machine like the one it started on; a "
+                        f"run cannot change its precision halfway.") from None
+    changes = []
+    if where(saved) != where(plan):
+        changes.append(f"it trained on {where(saved)} and continues on {where(plan)}; the data order from this "
+                       f"point on differs from an uninterrupted run's" if group == [] or not saved["device_ids"]
+                       else f"it trained on {where(saved)} and continues on {where(plan)}")
+        plan["reasons"]["devices"] = f"resumed on {where(plan)}, was {where(saved)}"
+    return plan, changes
 
 
 def check_precision(precision, group):
@@ -1366,8 +1404,10 @@ def train_and_save(args, hw, plan, resume_state, dist):
     if resume_state is not None:
         check_resume_data(args.resume_path, resume_state, fingerprint, args.data_dir)
         restore_run(run, resume_state)
+        run.history["plan"] = plan
         run.history["events"].append({"resumed": str(args.resume_path), "at_epoch": run.start_epoch,
-                                      "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                      "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                      "changes": resume_state["placement_changes"]})
     elif args.overwrite and dist.is_main:
         remove_previous_run(args.out_dir)
     run.stop = StopRequest()
@@ -1412,15 +1452,19 @@ def plan_run(args, hw, dist):
     """The plan: a resumed run's own, or a fresh one for this hardware and these flags."""
     resume_state = load_resume_state(args) if args.resume is not None else None
     if resume_state is not None:
-        plan = resume_state["plan"]
+        saved = resume_state["plan"]
         check_resume_matches_flags(args, resume_state)
-        if plan["world_size"] != dist.world_size:
-            raise UserError(f"--resume: {args.resume_path} is a run of {plan['world_size']} process(es) and this is "
+        if saved["world_size"] != dist.world_size:
+            raise UserError(f"--resume: {args.resume_path} is a run of {saved['world_size']} process(es) and this is "
                             f"{dist.world_size}. Resume it as it was started "
-                            f"({'plain python' if plan['world_size'] == 1 else 'torchrun with that many processes'}).")
+                            f"({'plain python' if saved['world_size'] == 1 else 'torchrun with that many processes'}).")
+        plan, resume_state["placement_changes"] = place_resumed_plan(
+            saved, hw, dist.world_size, dist.local_rank, dist.local_world_size, threads_from_environment())
         args.data_dir = args.data_dir or Path(resume_state["data_dir"])
         print(f"[resume] continuing {args.resume_path} from epoch {resume_state['epoch'] + 1}, "
               f"batch {resume_state['batch_in_epoch']}")
+        for change in resume_state["placement_changes"]:
+            print(f"[resume] on this machine: {change}")
     else:
         plan = make_plan(hw, args.epochs, args.batch_size, args.lr, args.weight_decay, args.disable_auto,
                          args.model, args.width_mult, args.precision, dist.world_size, dist.local_rank,
@@ -1573,10 +1617,11 @@ def train_loop(run, args, data):
 
 
 def copy_state(state):
+    """A copy in host memory: on a GPU the copy must not take the memory the epoch may run short of."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+    return torch.load(buffer, map_location="cpu", weights_only=True)
 
 
 def save_outputs(run, args, state, best=None):
@@ -1684,8 +1729,9 @@ def restore_rng_states(states):
     torch.set_rng_state(states["torch"])
     np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), states["numpy_pos"]))
     random.setstate((3, tuple(states["python"]), None))
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if torch.cuda.is_available():  # as many GPUs' states as are visible now
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def load_resume_state(args):
@@ -1759,8 +1805,11 @@ def restore_run(run, state):
     # The saved sums already cover every rank; under torchrun only rank 0 carries them on.
     run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(3, device=run.device)
     run.epoch_seconds = state["epoch_seconds"]
-    run.epoch_rng = state["data_rng"]
-    run.train_batches.generator.set_state(state["data_rng"])
+    if torch.device(state["plan"]["device"]).type == run.device.type:
+        run.epoch_rng = state["data_rng"]
+        run.train_batches.generator.set_state(state["data_rng"])
+    else:  # a GPU's generator state means nothing to the CPU's (or back): the data order goes on from a new seed
+        run.epoch_rng = run.train_batches.generator.manual_seed(run.seed + 1 + run.start_epoch).get_state()
     restore_rng_states(state["rng"])
     run.history = state["history"]
 

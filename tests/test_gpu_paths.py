@@ -3,6 +3,9 @@
 What cannot be shown here (CUDA kernels, NCCL, real DataParallel replicas, the CUDA caching allocator) is
 tested by tests/test_gpu.py wherever CUDA exists.
 """
+import dataclasses
+import json
+import signal
 import threading
 import weakref
 
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 import train
-from conftest import build_tiny_run
+from conftest import build_tiny_run, run_trainer
+from test_resume import start_trainer, wait_for_line
 from models import SmallCifarNet
 
 
@@ -162,3 +166,69 @@ def test_evaluation_out_of_memory_retries_with_smaller_batches(tiny_data, tmp_pa
                         if len(x) > 50 else forward(x))
     assert train.evaluate(run.net, test_x, test_y, tta=2) == pytest.approx(expected)
     assert "retrying with batch size 50" in capsys.readouterr().err
+
+
+# Resume on other hardware: checkpoints of GPU runs, made by editing a CPU run's last.pth the way a GPU run
+# writes it (its plan's devices, and a CUDA generator's 16-byte state for the data order).
+
+A100 = train.GPU(0, "NVIDIA A100-SXM4-80GB", 80)
+
+
+def test_each_torchrun_rank_resumes_on_its_own_gpu():
+    hw = train.Hardware((A100, dataclasses.replace(A100, index=1)), cpu_count=16)
+    saved = train.make_plan(hw, world_size=2, local_rank=0, local_world_size=2)  # rank 0's, as last.pth holds
+    for rank in (0, 1):
+        plan, changes = train.place_resumed_plan(saved, hw, world_size=2, local_rank=rank, local_world_size=2)
+        assert (plan["device"], plan["device_ids"], changes) == (f"cuda:{rank}", [rank], [])
+
+
+def test_a_resumed_plan_follows_the_gpus_there_are():
+    four = train.Hardware(tuple(dataclasses.replace(A100, index=i) for i in range(4)), cpu_count=16)
+    saved = train.make_plan(four)
+    assert saved["parallel"] == "DataParallel" and saved["device_ids"] == [0, 1, 2, 3]
+    two = train.Hardware(four.gpus[:2], cpu_count=16)
+    plan, changes = train.place_resumed_plan(saved, two)
+    assert (plan["device_ids"], plan["parallel"]) == ([0, 1], "DataParallel")
+    assert changes == ["it trained on 4 x NVIDIA A100-SXM4-80GB and continues on 2 x NVIDIA A100-SXM4-80GB"]
+    plan, changes = train.place_resumed_plan(saved, train.Hardware((), cpu_count=2))
+    assert (plan["device"], plan["parallel"], plan["precision"]) == ("cpu", "none", "bf16")
+    assert "continues on the CPU" in changes[0]
+    fp16 = train.make_plan(four, precision="fp16")
+    with pytest.raises(train.UserError, match="this run trains in fp16, which the CPU here cannot run"):
+        train.place_resumed_plan(fp16, train.Hardware((), cpu_count=2))
+
+
+def as_if_trained_on_a_gpu(path, precision):
+    state = torch.load(path, weights_only=True)
+    state["plan"].update(device="cuda:0", device_ids=[0], gpu_name=A100.name, precision=precision)
+    state["data_rng"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state: seed and offset
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+    torch.save(state, path)
+
+
+@pytest.fixture(scope="module")
+def stopped_cpu_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stopped")
+    process = start_trainer("--epochs", 3, "--seed", 1, "--batch-size", 100, "--model", "SmallCifarNet",
+                            "--tta", 0, "--data-dir", tiny_data, "--out-dir", out)
+    wait_for_line(process, "[epoch 1/3]")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    return out
+
+
+@pytest.mark.parametrize("precision, code", [("bf16", 0), ("fp16", 2)])
+def test_a_gpu_run_resumes_on_the_cpu_or_says_why_not(stopped_cpu_run, tmp_path, precision, code):
+    (tmp_path / "last.pth").write_bytes((stopped_cpu_run / "last.pth").read_bytes())
+    as_if_trained_on_a_gpu(tmp_path / "last.pth", precision)
+    result = run_trainer("--resume", tmp_path / "last.pth", "--device", "cpu", "--tta", 0)
+    assert result.returncode == code, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    if code == 0:
+        assert "[resume] on this machine: it trained on 1 x NVIDIA A100-SXM4-80GB and continues on the CPU" \
+            in result.stdout
+        history = json.loads((tmp_path / "training_history.json").read_text())
+        assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
+        assert history["plan"]["device"] == "cpu" and history["events"][-1]["changes"]
+    else:
+        assert "this run trains in fp16, which the CPU here cannot run" in result.stderr
