@@ -69,6 +69,31 @@ def test_label_count_mismatch(data_copy):
     assert_refused(data_copy, "5 labels for 20 images")
 
 
+def test_batch_file_that_is_a_folder(data_copy):
+    (data_copy / "test_batch").unlink()
+    (data_copy / "test_batch").mkdir()
+    assert_refused(data_copy, r"test_batch cannot be read \(Is a directory\)")
+
+
+def test_labels_that_are_not_integers(data_copy):
+    with open(data_copy / "data_batch_3", "wb") as f:
+        pickle.dump({"data": np.zeros((20, 3072), np.uint8), "labels": np.linspace(0, 9, 20)}, f, protocol=2)
+    assert_refused(data_copy, "its labels are of type float64, expected integers 0..9")
+
+
+def test_batch_with_no_images(data_copy):
+    write_batch(data_copy / "test_batch", np.zeros(0, np.int64), np.zeros((0, 3, 32, 32), np.uint8))
+    assert_refused(data_copy, "test_batch is not valid: it holds no images")
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    with pytest.raises(UserError, match=f"--data-dir: {target} is a file, but it should be a folder"):
+        load_cifar10(target)
+    assert target.read_text() == "keep me"
+
+
 def test_pickle_of_wrong_type(data_copy):
     with open(data_copy / "data_batch_4", "wb") as f:
         pickle.dump([1, 2, 3], f)

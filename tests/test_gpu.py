@@ -24,6 +24,8 @@ from torch import nn
 
 import train
 from conftest import ROOT, run_trainer
+from test_distributed import torchrun, torchrun_command
+from test_resume import wait_for_line
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: these tests run the trainer on real GPUs (the CPU "
@@ -102,27 +104,6 @@ def start(command, env=None):
 
 def trainer_command(*args):
     return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
-
-
-def torchrun_command(*args, ranks=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            str(ROOT / "train.py"), *map(str, args)]
-
-
-def torchrun(*args, ranks=2):
-    return subprocess.run(torchrun_command(*args, ranks=ranks), capture_output=True, text=True, timeout=600, env=ENV,
-                          cwd=ROOT)
-
-
-def wait_for_line(process, text, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if text in line:
-            return
-        if not line and process.poll() is not None:
-            raise AssertionError(f"trainer exited before printing {text!r}: {process.stderr.read()[-3000:]}")
-    raise AssertionError(f"no {text!r} within {timeout}s")
 
 
 def interrupt_after_first_epoch(process):
