@@ -75,6 +75,7 @@ TRANSLATE_PIXELS = 2  # random translation of up to 2 pixels (reflect padding)
 EVAL_BATCH_SIZE = 2000
 PRECISIONS = ("fp32", "bf16", "fp16")  # what --precision accepts; the plan picks one per device
 MIN_FREE_DISK_MB = 50
+DOWNLOAD_WAIT_S = 3600  # how long torchrun's other processes of a machine wait for its first one's download
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declared diverged
 MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 MAX_SEED = 2**32 - 1
@@ -448,8 +449,17 @@ def download_cifar10(data_dir, url=CIFAR10_URL):
         raise UserError(f"The archive downloaded from {url} does not have the expected MD5 {CIFAR10_MD5}; "
                         f"it was deleted. Try again, or download it by hand into {data_dir}.")
     os.replace(partial, archive)
-    safe_extract(archive, data_dir)
-    print(f"[data] extracted to {data_dir / CIFAR10_FOLDER}")
+    # Extracted beside the target, then renamed into place: a process waiting for the folder (fetch_dataset)
+    # sees it whole or not at all.
+    staging, folder = data_dir / f".extracting.{os.getpid()}", data_dir / CIFAR10_FOLDER
+    try:
+        safe_extract(archive, staging)
+        if folder.is_dir():
+            folder.rmdir()  # an empty folder (a full one is never downloaded over)
+        os.replace(staging / CIFAR10_FOLDER, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[data] extracted to {folder}")
 
 
 def file_md5(path):
@@ -527,18 +537,50 @@ def read_batch_file(path):
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-def load_cifar10(data_dir, download=True):
-    """Return (train_images, train_labels, test_images, test_labels) as CPU tensors, uint8 and int64."""
+def ensure_cifar10(data_dir):
+    """Download CIFAR-10 into data_dir unless it is there."""
     folder = data_dir / CIFAR10_FOLDER
     for path in (data_dir, folder):
         if path.exists() and not path.is_dir():
             raise UserError(f"--data-dir: {path} is a file, but it should be a folder holding {CIFAR10_FOLDER}/. "
                             f"Point --data-dir at the folder that holds {CIFAR10_FOLDER}/, or at an empty folder "
                             f"to download CIFAR-10 into.")
-    if not folder.is_dir() or not any(folder.iterdir()):
-        if not download:
-            raise UserError(f"CIFAR-10 is not in {folder}.")
+    if not has_cifar10(data_dir):
         download_cifar10(data_dir)
+
+
+def has_cifar10(data_dir):
+    folder = data_dir / CIFAR10_FOLDER
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def fetch_dataset(data_dir, dist, wait_s=DOWNLOAD_WAIT_S):
+    """CIFAR-10 in data_dir on every machine, before the process group forms.
+
+    Only each machine's first process (LOCAL_RANK 0) downloads: machines without shared storage each need a
+    copy, and one machine's processes must not download over each other. The others wait for the folder,
+    which appears whole. Waiting here rather than in a barrier of the process group keeps NCCL's watchdog
+    from aborting the waiting ranks during a slow download.
+    """
+    if dist.local_rank == 0:
+        ensure_cifar10(data_dir)
+        return
+    deadline = time.monotonic() + wait_s
+    while not has_cifar10(data_dir):
+        if time.monotonic() > deadline:
+            raise UserError(f"Waited {wait_s / 60:.0f} minutes for this machine's first process (LOCAL_RANK 0) to "
+                            f"download CIFAR-10 into {data_dir}, and it is not there. See that process's error, or "
+                            f"put the data there before starting.")
+        time.sleep(1)
+
+
+def load_cifar10(data_dir, download=True):
+    """Return (train_images, train_labels, test_images, test_labels) as CPU tensors, uint8 and int64."""
+    if download:
+        ensure_cifar10(data_dir)
+    elif not has_cifar10(data_dir):
+        raise UserError(f"CIFAR-10 is not in {data_dir / CIFAR10_FOLDER}.")
+    folder = data_dir / CIFAR10_FOLDER
     train = [read_batch_file(folder / name) for name in TRAIN_FILES]
     test_images, test_labels = read_batch_file(folder / TEST_FILE)
     train_images = torch.cat([images for images, _ in train])
@@ -829,10 +871,6 @@ class Dist:
         if self.world_size > 1:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch.distributed.barrier()
 
     def all_reduce_sum(self, tensor):
         if self.world_size > 1:
@@ -1380,9 +1418,10 @@ def main(argv=None):
     if args.dry_run:
         print("[dry-run] nothing trained, no data touched")
         return 0
-    dist.init_process_group(plan)
     out_dir, lock, created = claim_out_dir(args) if dist.is_main else (None, None, False)
     try:
+        fetch_dataset(args.data_dir, dist)
+        dist.init_process_group(plan)
         args.out_dir = dist.broadcast_object(out_dir)
         print(f"[run] outputs go to {args.out_dir}")
         return train_and_save(args, hw, plan, resume_state, dist)
@@ -1399,7 +1438,7 @@ def train_and_save(args, hw, plan, resume_state, dist):
     seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
     torch.manual_seed(seed)
     stage(3, "Loading CIFAR-10")
-    data, fingerprint = load_data_to_device(args.data_dir, torch.device(plan["device"]), dist)
+    data, fingerprint = load_data_to_device(args.data_dir, torch.device(plan["device"]))
     run = build_run(args, hw, plan, data, fingerprint, seed, dist)
     if resume_state is not None:
         check_resume_data(args.resume_path, resume_state, fingerprint, args.data_dir)
@@ -1476,15 +1515,10 @@ def plan_run(args, hw, dist):
     return plan, resume_state
 
 
-def load_data_to_device(data_dir, device, dist):
-    """The whole dataset, moved once to the training device. Rank 0 downloads if needed."""
+def load_data_to_device(data_dir, device):
+    """The whole dataset (fetched beforehand by fetch_dataset), moved once to the training device."""
     t0 = time.time()
-    if dist.is_main:
-        data = load_cifar10(data_dir)
-        dist.barrier()
-    else:
-        dist.barrier()
-        data = load_cifar10(data_dir, download=False)
+    data = load_cifar10(data_dir, download=False)
     fingerprint = data_fingerprint(*data)
     data = [t.to(device) for t in data]
     print(f"[data] {len(data[0])} training and {len(data[2])} test images on {device} in {time.time() - t0:.1f}s")

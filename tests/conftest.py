@@ -36,7 +36,7 @@ def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
                              "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir), *extra_flags])
     hw, dist = train.Hardware((), 1), train.Dist()
     plan, _ = train.plan_run(args, hw, dist)
-    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device("cpu"), dist)
+    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device("cpu"))
     run = train.build_run(args, hw, plan, data, fingerprint, 0, dist)
     run.stop = train.StopRequest()
     return run, args, data

@@ -1,8 +1,10 @@
 """The loader reads the real on-disk format, rejects broken files clearly, and augments correctly."""
 import hashlib
 import io
+import os
 import pickle
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -151,6 +153,7 @@ def test_download_checks_md5_then_extracts(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     download_cifar10(dest, url=archive.as_uri())
     assert load_cifar10(dest, download=False)[0].shape == (50, 3, 32, 32)
+    assert sorted(p.name for p in dest.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]  # no staging
 
 
 def test_loader_reads_the_jpeg_copy_when_built():
@@ -218,3 +221,24 @@ def test_pickle_that_would_run_code_is_refused(data_copy):
         pickle.dump({"data": RunsCode(), "labels": []}, f, protocol=2)
     assert_refused(data_copy, "asks for posix.system")
     assert not marker.exists()
+
+
+def test_only_each_machines_first_process_downloads_and_the_others_wait(tmp_path, monkeypatch):
+    second_process = train.Dist(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    monkeypatch.setattr(train, "download_cifar10", lambda data_dir: pytest.fail("LOCAL_RANK 1 downloaded"))
+
+    def first_process_finishes_its_download():  # the folder appears whole, renamed into place
+        write_tiny_cifar(tmp_path / "staging", per_batch=10, test_size=10)
+        os.replace(tmp_path / "staging" / "cifar-10-batches-py", tmp_path / "data" / "cifar-10-batches-py")
+
+    (tmp_path / "data").mkdir()
+    threading.Timer(1.0, first_process_finishes_its_download).start()
+    train.fetch_dataset(tmp_path / "data", second_process, wait_s=60)
+    assert load_cifar10(tmp_path / "data", download=False)[0].shape == (50, 3, 32, 32)
+    with pytest.raises(UserError, match="Waited 0 minutes for this machine's first process"):
+        train.fetch_dataset(tmp_path / "never", second_process, wait_s=1)
+
+    downloads = []
+    monkeypatch.setattr(train, "download_cifar10", downloads.append)
+    train.fetch_dataset(tmp_path / "empty", train.Dist(rank=2, world_size=4, local_rank=0, local_world_size=2))
+    assert downloads == [tmp_path / "empty"]  # each machine's first process downloads its own copy

@@ -56,14 +56,9 @@ def uninterrupted(tiny_data, tmp_path_factory):
     return out
 
 
-def test_seed_makes_a_cpu_run_reproducible(uninterrupted, tiny_data, tmp_path):
-    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
-    assert result.returncode == 0, result.stderr
-    assert epoch_numbers(tmp_path) == epoch_numbers(uninterrupted)
-
-
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_and_resume_matches_the_uninterrupted_run(uninterrupted, tiny_data, tmp_path, sig, code):
+    """Also shows that --seed fixes a CPU run: the resumed run's numbers equal another process's run."""
     process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
     wait_for_line(process, "[epoch 1/3]")
     process.send_signal(sig)
