@@ -1,7 +1,10 @@
 """The GPU code paths' faults that can be shown without a GPU, each reproduced on the CPU.
 
-What cannot be shown here (CUDA kernels, NCCL, real DataParallel replicas, the CUDA caching allocator) is
-tested by tests/test_gpu.py wherever CUDA exists.
+What cannot be shown here (CUDA kernels, NCCL, real DataParallel replicas, the CUDA caching allocator and
+so the per-epoch reset of peak GPU memory and its report for every GPU of a DataParallel group) is tested by
+tests/test_gpu.py wherever CUDA exists. Not tested at all: that the epoch timer starts after the out-of-memory
+safety copy (an ordering in train_loop), and starting on Windows (no fcntl or resource module there; both
+imports are guarded).
 """
 import dataclasses
 import json
@@ -233,3 +236,15 @@ def test_a_gpu_run_resumes_on_the_cpu_or_says_why_not(stopped_cpu_run, tmp_path,
         assert history["plan"]["device"] == "cpu" and history["events"][-1]["changes"]
     else:
         assert "this run trains in fp16, which the CPU here cannot run" in result.stderr
+
+
+def test_peak_memory_of_the_process_is_read_in_the_units_of_the_platform(monkeypatch):
+    usage = type("Usage", (), {"ru_maxrss": 3 * 2**30})  # macOS reports bytes
+    monkeypatch.setattr(train.resource, "getrusage", lambda who: usage)
+    monkeypatch.setattr(train.sys, "platform", "darwin")
+    assert train.peak_memory_gb([torch.device("cpu")]) == [3.0]
+    usage.ru_maxrss = 3 * 2**20  # Linux reports KiB
+    monkeypatch.setattr(train.sys, "platform", "linux")
+    assert train.peak_memory_gb([torch.device("cpu")]) == [3.0]
+    monkeypatch.setattr(train, "resource", None)  # Windows has no resource module
+    assert train.peak_memory_gb([torch.device("cpu")]) == [] and train.memory_text([]) == "n/a"
