@@ -335,13 +335,13 @@ def place_resumed_plan(saved, hw, world_size=1, local_rank=0, local_world_size=1
         raise UserError(f"--resume: this run trains in {plan['precision']}, which {where(plan)} here cannot run "
                         f"(it started on {where(saved)}). Resume it on a machine like the one it started on; a "
                         f"run cannot change its precision halfway.") from None
-    changes = []
-    if where(saved) != where(plan):
-        changes.append(f"it trained on {where(saved)} and continues on {where(plan)}; the data order from this "
-                       f"point on differs from an uninterrupted run's" if group == [] or not saved["device_ids"]
-                       else f"it trained on {where(saved)} and continues on {where(plan)}")
-        plan["reasons"]["devices"] = f"resumed on {where(plan)}, was {where(saved)}"
-    return plan, changes
+    if where(saved) == where(plan):
+        return plan, []
+    plan["reasons"]["devices"] = f"resumed on {where(plan)}, was {where(saved)}"
+    change = f"it trained on {where(saved)} and continues on {where(plan)}"
+    if bool(group) != bool(saved["device_ids"]):  # a GPU's random generator cannot continue on the CPU's
+        change += "; the data order from this point on differs from an uninterrupted run's"
+    return plan, [change]
 
 
 def check_precision(precision, group):
@@ -1057,7 +1057,7 @@ def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
     while (sums := evaluation_sums(model, images[shard], labels[shard], tta, autocast_dtype, batch_size)) is None:
         if batch_size == 1:
             raise TrainingFailed("Out of GPU memory while evaluating a single image. Free the GPU (other "
-                                 "processes?); the trained weights are saved in best_model.pth and last.pth.")
+                                 "processes?) and --resume: last.pth and best_model.pth hold the last saved epoch.")
         batch_size //= 2
         if images.device.type == "cuda":
             torch.cuda.empty_cache()
