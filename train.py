@@ -1,6 +1,6 @@
 """Train a CIFAR-10 classifier, fast, on whatever machine this runs on.
 
-    python train.py              # detect hardware, plan, train, save to runs/cifar10_optimized/
+    python train.py              # detect hardware, plan, train, save to a new runs/cifar10-NNN/
     python train.py --dry-run    # print the hardware and the plan, touch nothing
     python train.py --help       # every flag
 
