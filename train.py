@@ -1307,9 +1307,9 @@ def claim_out_dir(args):
             out_dir.mkdir(parents=True)
             created = True
         lock = lock_out_dir(out_dir)
-        if holds_run(out_dir) and args.resume is None and not args.overwrite:
-            found = ", ".join(name for name in RUN_FILES if (out_dir / name).exists())
-            raise UserError(f"--out-dir {out_dir} already holds a run ({found}). Continue it with --resume "
+        found = [name for name in RUN_FILES if (out_dir / name).exists()]
+        if found and args.resume is None and not args.overwrite:
+            raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
                             f"--out-dir {out_dir}, replace it with --overwrite, or leave out --out-dir to start "
                             f"the new run in a new folder under {RUNS_DIR}/.")
         probe = out_dir / f".write_test.{os.getpid()}"
@@ -1463,15 +1463,14 @@ def train_and_save(args, hw, plan, resume_state, dist):
             print(f"\n[stop] {signal.Signals(stop.signum).name} during the final evaluation: training is complete "
                   f"and saved in {args.out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
                   file=sys.stderr)
-    if completed:
-        dist.close()
-        return 0
-    if dist.is_main:
+    if not completed and dist.is_main:
         launcher = "python" if dist.world_size == 1 else \
             f"torchrun --standalone --nproc_per_node={dist.local_world_size}"  # multi-node: your usual torchrun flags
         print(f"[stop] saved {args.out_dir / 'last.pth'}. Resume with: {launcher} train.py "
               f"--resume {args.out_dir / 'last.pth'}", file=sys.stderr)
     dist.close()
+    if completed:
+        return 0
     return EXIT_SIGINT if run.stop.signal in (signal.SIGINT, None) else EXIT_SIGTERM
 
 
@@ -1490,6 +1489,7 @@ def find_hardware(args):
 def plan_run(args, hw, dist):
     """The plan: a resumed run's own, or a fresh one for this hardware and these flags."""
     resume_state = load_resume_state(args) if args.resume is not None else None
+    threads = threads_from_environment()
     if resume_state is not None:
         saved = resume_state["plan"]
         check_resume_matches_flags(args, resume_state)
@@ -1498,7 +1498,7 @@ def plan_run(args, hw, dist):
                             f"{dist.world_size}. Resume it as it was started "
                             f"({'plain python' if saved['world_size'] == 1 else 'torchrun with that many processes'}).")
         plan, resume_state["placement_changes"] = place_resumed_plan(
-            saved, hw, dist.world_size, dist.local_rank, dist.local_world_size, threads_from_environment())
+            saved, hw, dist.world_size, dist.local_rank, dist.local_world_size, threads)
         args.data_dir = args.data_dir or Path(resume_state["data_dir"])
         print(f"[resume] continuing {args.resume_path} from epoch {resume_state['epoch'] + 1}, "
               f"batch {resume_state['batch_in_epoch']}")
@@ -1507,7 +1507,7 @@ def plan_run(args, hw, dist):
     else:
         plan = make_plan(hw, args.epochs, args.batch_size, args.lr, args.weight_decay, args.disable_auto,
                          args.model, args.width_mult, args.precision, dist.world_size, dist.local_rank,
-                         dist.local_world_size, threads_from_environment())
+                         dist.local_world_size, threads)
     args.data_dir = args.data_dir or Path(DEFAULT_DATA_DIR)
     model = build_model(plan["model"], **plan["model_kwargs"])
     plan["model_parameters"], plan["model_macs_per_image"] = count_parameters(model), count_flops(model)
@@ -1783,9 +1783,10 @@ def load_resume_state(args):
     if not isinstance(state, dict) or state.get("kind") != "cifar10-trainer-state" or state.get("dataset") != "CIFAR-10":
         raise UserError(f"--resume: {path} is not a training checkpoint of this trainer for CIFAR-10 "
                         f"(best_model.pth files hold weights only and cannot be resumed). Give a last.pth.")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"--resume: {path} was written by {'an earlier' if state.get('format', 1) < CHECKPOINT_FORMAT else 'a newer'} "
-                        f"version of this trainer (checkpoint format {state.get('format', 1)}; this version reads "
+    version = state.get("format", 1)  # checkpoints carried no format before format 2
+    if version != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume: {path} was written by {'an earlier' if version < CHECKPOINT_FORMAT else 'a newer'} "
+                        f"version of this trainer (checkpoint format {version}; this version reads "
                         f"format {CHECKPOINT_FORMAT}) and cannot be continued. Its best_model.pth still loads for "
                         f"inference; start a new run to train further.")
     return state
