@@ -128,8 +128,8 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model, image_size=32):
-    """Multiply-accumulates of one forward pass on one image, counting convs and linears."""
+def count_macs(model, image_size=32):
+    """Multiply-accumulates (multiply-adds) of one forward pass on one image, counting convs and linears."""
     total = 0
 
     def hook(module, inputs, output):

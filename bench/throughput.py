@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from models import CifarNet, count_flops  # noqa: E402
+from models import CifarNet, count_macs  # noqa: E402
 
 
 def parse_args():
@@ -33,7 +33,7 @@ def parse_args():
 def images_per_second(widths, plan, steps):
     net = CifarNet(widths).to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(net, plan)
-    train.set_learning_rates(optimizer, plan, step=0, steps_per_epoch=1)  # the peak rates
+    train.set_learning_rates(optimizer, plan, plan["batch_size"], step=0, steps_per_epoch=1)  # the peak rates
     autocast_dtype, scaler = train.make_precision(plan["precision"], torch.device("cpu"))
     inputs = torch.randn(plan["batch_size"], 3, 32, 32).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (plan["batch_size"],))
@@ -42,7 +42,7 @@ def images_per_second(widths, plan, steps):
     start = time.perf_counter()
     for _ in range(steps):
         train.training_step(net, optimizer, scaler, inputs, labels, autocast_dtype)
-    return plan["batch_size"] * steps / (time.perf_counter() - start), count_flops(net)
+    return plan["batch_size"] * steps / (time.perf_counter() - start), count_macs(net)
 
 
 def main():

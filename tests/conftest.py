@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_cifar import write_tiny_cifar  # noqa: E402
 
+TINY = ["--model", "SmallCifarNet", "--batch-size", "100"]  # a quick run on the tiny data: 10 steps an epoch
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
@@ -21,11 +24,39 @@ def tiny_data(tmp_path_factory):
     return data_dir
 
 
-def run_trainer(*args, timeout=300, cwd=ROOT, env=None, **popen_kwargs):
-    """Run train.py as a user would, with `env` added to the environment; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd, **popen_kwargs)
+def trainer_command(*args, ranks=None):
+    """train.py as a user starts it: with python, or with torchrun and `ranks` processes."""
+    launcher = [sys.executable] if ranks is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return [*launcher, str(ROOT / "train.py"), *map(str, args)]
+
+
+def trainer_env(env, ranks):
+    # Under torchrun, one thread per rank: more ranks than this machine's 2 cores would otherwise fight over them.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if ranks else {}), **(env or {})}
+
+
+def run_trainer(*args, ranks=None, timeout=300, cwd=ROOT, env=None):
+    """Run the trainer to its end, with `env` added to the environment; returns the CompletedProcess."""
+    return subprocess.run(trainer_command(*args, ranks=ranks), capture_output=True, text=True, timeout=timeout,
+                          env=trainer_env(env, ranks), cwd=cwd)
+
+
+def start_trainer(*args, ranks=None, cwd=ROOT, env=None):
+    """Start the trainer and return at once (a Popen with text pipes), to interrupt it."""
+    return subprocess.Popen(trainer_command(*args, ranks=ranks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=trainer_env(env, ranks), cwd=cwd)
+
+
+def wait_for_line(process, text, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if text in line:
+            return
+        if not line and process.poll() is not None:
+            raise AssertionError(f"trainer exited before printing {text!r}: {process.stderr.read()}")
+    raise AssertionError(f"no {text!r} within {timeout}s")
 
 
 def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
@@ -35,8 +66,7 @@ def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
     args = train.parse_args(["--epochs", "2", "--batch-size", str(batch_size), "--model", "SmallCifarNet", "--seed",
                              "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir), *extra_flags])
     hw, dist = train.Hardware((), 1), train.Dist()
-    plan, _ = train.plan_run(args, hw, dist)
+    plan = train.plan_for_flags(args, hw, dist)
     data, fingerprint = train.load_data_to_device(args.data_dir, torch.device("cpu"))
-    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist)
-    run.stop = train.StopRequest()
-    return run, args, data
+    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
+    return run, data

@@ -33,7 +33,7 @@ def data_copy(tmp_path):
     return tmp_path / "cifar-10-batches-py"
 
 
-def assert_refused(folder, match):
+def assert_load_refused(folder, match):
     with pytest.raises(UserError, match=match) as info:
         load_cifar10(folder.parent, download=False)
     assert str(folder) in str(info.value)
@@ -42,50 +42,50 @@ def assert_refused(folder, match):
 def test_truncated_file(data_copy):
     path = data_copy / "data_batch_3"
     path.write_bytes(path.read_bytes()[:5000])
-    assert_refused(data_copy, "data_batch_3 is truncated")
+    assert_load_refused(data_copy, "data_batch_3 is truncated")
 
 
 def test_not_a_pickle(data_copy):
     (data_copy / "test_batch").write_text("hello, I am not a pickle")
-    assert_refused(data_copy, "test_batch is truncated or not a CIFAR-10 pickle")
+    assert_load_refused(data_copy, "test_batch is truncated or not a CIFAR-10 pickle")
 
 
 def test_missing_file(data_copy):
     (data_copy / "data_batch_5").unlink()
-    assert_refused(data_copy, "data_batch_5 is missing")
+    assert_load_refused(data_copy, "data_batch_5 is missing")
 
 
 def test_wrong_shape(data_copy):
     with open(data_copy / "data_batch_2", "wb") as f:
         pickle.dump({"data": np.zeros((20, 100), np.uint8), "labels": [0] * 20}, f)
-    assert_refused(data_copy, r"data_batch_2 is not valid: its images have shape \(20, 100\)")
+    assert_load_refused(data_copy, r"data_batch_2 is not valid: its images have shape \(20, 100\)")
 
 
 def test_labels_out_of_range(data_copy):
     write_batch(data_copy / "data_batch_1", np.array([3] * 19 + [10]), np.zeros((20, 3, 32, 32), np.uint8))
-    assert_refused(data_copy, r"labels range over 3..10")
+    assert_load_refused(data_copy, r"labels range over 3..10")
 
 
 def test_label_count_mismatch(data_copy):
     write_batch(data_copy / "data_batch_1", np.array([3] * 5), np.zeros((20, 3, 32, 32), np.uint8))
-    assert_refused(data_copy, "5 labels for 20 images")
+    assert_load_refused(data_copy, "5 labels for 20 images")
 
 
 def test_batch_file_that_is_a_folder(data_copy):
     (data_copy / "test_batch").unlink()
     (data_copy / "test_batch").mkdir()
-    assert_refused(data_copy, r"test_batch cannot be read \(Is a directory\)")
+    assert_load_refused(data_copy, r"test_batch cannot be read \(Is a directory\)")
 
 
 def test_labels_that_are_not_integers(data_copy):
     with open(data_copy / "data_batch_3", "wb") as f:
         pickle.dump({"data": np.zeros((20, 3072), np.uint8), "labels": np.linspace(0, 9, 20)}, f, protocol=2)
-    assert_refused(data_copy, "its labels are of type float64, expected integers 0..9")
+    assert_load_refused(data_copy, "its labels are of type float64, expected integers 0..9")
 
 
 def test_batch_with_no_images(data_copy):
     write_batch(data_copy / "test_batch", np.zeros(0, np.int64), np.zeros((0, 3, 32, 32), np.uint8))
-    assert_refused(data_copy, "test_batch is not valid: it holds no images")
+    assert_load_refused(data_copy, "test_batch is not valid: it holds no images")
 
 
 def test_data_dir_that_is_a_file(tmp_path):
@@ -99,7 +99,7 @@ def test_data_dir_that_is_a_file(tmp_path):
 def test_pickle_of_wrong_type(data_copy):
     with open(data_copy / "data_batch_4", "wb") as f:
         pickle.dump([1, 2, 3], f)
-    assert_refused(data_copy, "no 'data' and 'labels'")
+    assert_load_refused(data_copy, "no 'data' and 'labels'")
 
 
 def test_offline_download_fails_with_a_clear_message(tmp_path):
@@ -183,7 +183,7 @@ def test_batches_cover_every_image_once_and_flips_alternate():
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
     images[:, :, :, :6] = 255  # a marker band on the left shows whether an image was flipped
     labels = torch.arange(n)
-    batches = TrainBatches(images, labels, batch_size=16, seed=0, channels_last=False)
+    batches = TrainBatches(images, labels, batch_size=16, seed=0)
     assert len(batches) == 4
     flipped_by_epoch = []
     for epoch in range(2):
@@ -203,8 +203,8 @@ def test_batches_cover_every_image_once_and_flips_alternate():
 
 def test_same_seed_same_batches():
     images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
-    a = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3, channels_last=True).epoch(0)]
-    b = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3, channels_last=True).epoch(0)]
+    a = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3).epoch(0)]
+    b = [x for x, _ in TrainBatches(images, torch.arange(40), 8, seed=3).epoch(0)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -219,7 +219,7 @@ def test_pickle_that_would_run_code_is_refused(data_copy):
     marker.unlink(missing_ok=True)
     with open(data_copy / "data_batch_1", "wb") as f:
         pickle.dump({"data": RunsCode(), "labels": []}, f, protocol=2)
-    assert_refused(data_copy, "asks for posix.system")
+    assert_load_refused(data_copy, "asks for posix.system")
     assert not marker.exists()
 
 

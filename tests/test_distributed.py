@@ -1,41 +1,22 @@
 """torchrun with the gloo backend on this CPU: two ranks training one model."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_trainer
+from conftest import run_trainer, start_trainer
 from train import evaluate, load_cifar10, load_trained_model
-
-TINY = ["--model", "SmallCifarNet", "--seed", "4", "--tta", "1"]
-
-
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def torchrun_command(*args, ranks=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            str(ROOT / "train.py"), *map(str, args)]
-
-
-def torchrun(*args, ranks=2):
-    return subprocess.run(torchrun_command(*args, ranks=ranks), capture_output=True, text=True, timeout=300, env=ENV,
-                          cwd=ROOT)
-
 
 # 3 ranks: with 2, every float sum a + b is the same in any order, which would hide a resume that reduces
 # gradients in another order; 4 epochs: past WHITEN_BIAS_EPOCHS, where a parameter stops training.
-DDP_RUN = ["--epochs", 4, "--batch-size", 198, *TINY]
+DDP_RUN = ["--model", "SmallCifarNet", "--epochs", 4, "--batch-size", 198, "--seed", 4, "--tta", 1]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    result = torchrun(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", out, ranks=3)
+    result = run_trainer(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", out, ranks=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -66,9 +47,10 @@ def running_losses(stdout):
 
 
 def test_two_ranks_with_batch_b_follow_one_process_with_batch_2b(tiny_data, tmp_path):
-    common = ["--epochs", 1, "--batch-size", 200, "--log-every", 1, "--data-dir", tiny_data, *TINY]
+    common = ["--epochs", 1, "--batch-size", 200, "--log-every", 1, "--data-dir", tiny_data, "--model",
+              "SmallCifarNet", "--seed", 4, "--tta", 1]
     single = run_trainer(*common, "--out-dir", tmp_path / "single")
-    double = torchrun(*common, "--out-dir", tmp_path / "ddp")
+    double = run_trainer(*common, "--out-dir", tmp_path / "ddp", ranks=2)
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     single_losses, ddp_losses = running_losses(single.stdout), running_losses(double.stdout)
     assert len(single_losses) == len(ddp_losses) == 5
@@ -83,7 +65,7 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
 
     hw = Hardware((GPU(0, "NVIDIA RTX A6000", 48), GPU(1, "NVIDIA GeForce RTX 3090", 24),
                    GPU(2, "NVIDIA GeForce RTX 3090", 24)), cpu_count=16)
-    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=1,2 torchrun --nproc_per_node=2"):
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2"):
         make_plan(hw, world_size=3, local_rank=0, local_world_size=3)
     plan = make_plan(hw, world_size=2, local_rank=1, local_world_size=2)
     assert plan["device"] == "cuda:1" and plan["parallel"] == "DistributedDataParallel"
@@ -93,8 +75,7 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
 
 
 def test_sigterm_under_torchrun_saves_and_resume_matches_the_uninterrupted_run(ddp_run, tiny_data, tmp_path):
-    command = torchrun_command(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", tmp_path, ranks=3)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    process = start_trainer(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", tmp_path, ranks=3)
     for line in process.stdout:
         if "[epoch 1/4]" in line:
             break
@@ -104,7 +85,7 @@ def test_sigterm_under_torchrun_saves_and_resume_matches_the_uninterrupted_run(d
     stopped_at = json.loads((tmp_path / "training_history.json").read_text())["epochs"]
     assert 1 <= len(stopped_at) < 4
 
-    result = torchrun("--resume", "--out-dir", tmp_path, ranks=3)
+    result = run_trainer("--resume", "--out-dir", tmp_path, ranks=3)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "training_history.json").read_text())
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]

@@ -1,4 +1,6 @@
 """Faults during training: out of memory, divergence, failing writes."""
+import copy
+
 import pytest
 import torch
 
@@ -8,23 +10,24 @@ from conftest import build_tiny_run, run_trainer
 
 def inject_out_of_memory(run, monkeypatch, at_steps):
     """Make the real model raise CUDA's out-of-memory error on the given training forward passes."""
-    forward, calls = run.net.forward, {"n": 0}
+    forward, calls = run.model.forward, {"n": 0}
 
     def forward_running_out(x):
-        if run.net.training:
+        if run.model.training:
             calls["n"] += 1
             if calls["n"] in at_steps:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return forward(x)
 
-    monkeypatch.setattr(run.net, "forward", forward_running_out)
+    monkeypatch.setattr(run.model, "forward", forward_running_out)
 
 
 def test_out_of_memory_halves_the_batch_and_retries_the_epoch(tiny_data, tmp_path, monkeypatch, capsys):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, batch_size=200)
+    run, data = build_tiny_run(tiny_data, tmp_path, batch_size=200)
     inject_out_of_memory(run, monkeypatch, at_steps={8})  # step 3 of epoch 2 (5 steps per epoch)
-    assert train.train_loop(run, args, data)
-    assert run.plan["batch_size"] == 100
+    plan = copy.deepcopy(run.plan)
+    assert train.train_loop(run, data)
+    assert run.batch_size == 100 and run.plan == plan  # the plan is never changed
     assert run.history["events"] == [{"out_of_memory": {"epoch": 2, "batch_size": 100}}]
     # SGD's rates are per example, so the head's rate halved with the batch; Muon's does not depend on it.
     rates = {group["name"]: group["lr"] for group in run.optimizer.param_groups}
@@ -37,10 +40,10 @@ def test_out_of_memory_halves_the_batch_and_retries_the_epoch(tiny_data, tmp_pat
 
 
 def test_out_of_memory_gives_up_below_the_minimum_batch(tiny_data, tmp_path, monkeypatch):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, batch_size=100)
+    run, data = build_tiny_run(tiny_data, tmp_path, batch_size=100)
     inject_out_of_memory(run, monkeypatch, at_steps=set(range(1, 100)))
     with pytest.raises(train.TrainingFailed, match="Out of GPU memory even at batch size 50"):
-        train.train_loop(run, args, data)
+        train.train_loop(run, data)
     assert [e["out_of_memory"]["batch_size"] for e in run.history["events"]] == [50]
 
 

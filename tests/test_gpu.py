@@ -13,8 +13,8 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 import signal
-import subprocess
 import sys
 import time
 
@@ -23,17 +23,13 @@ import torch
 from torch import nn
 
 import train
-from conftest import ROOT, run_trainer
-from test_distributed import torchrun, torchrun_command
-from test_resume import wait_for_line
+from conftest import ROOT, TINY, run_trainer, start_trainer, wait_for_line
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: these tests run the trainer on real GPUs (the CPU "
                                        "reproductions of the GPU faults are in tests/test_gpu_paths.py)")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 
-TINY = ["--batch-size", "100", "--model", "SmallCifarNet"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}  # threads as the plan (or torchrun) decides, as conftest does
 MEMORY_MARGIN = 4 * 2**20  # bytes: far less than one step's activations, far more than a few small tensors
 
 
@@ -57,12 +53,11 @@ def build_gpu_run(data_dir, out_dir, batch_size, *extra_flags, gpus):
                              "0", "--tta", "0", "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra_flags])
     hw = dataclasses.replace(train.detect_hardware(), gpus=tuple(gpus))
     dist = train.Dist()
-    plan, _ = train.plan_run(args, hw, dist)
+    plan = train.plan_for_flags(args, hw, dist)
     torch.manual_seed(0)
-    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device(plan["device"]), dist)
-    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist)
-    run.stop = train.StopRequest()
-    return run, args, data
+    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device(plan["device"]))
+    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
+    return run, data
 
 
 def first_gpu():
@@ -95,15 +90,6 @@ def last_state(out):
 
 def all_finite(tensors):
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
-
-
-def start(command, env=None):
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**ENV, **(env or {})})
-
-
-def trainer_command(*args):
-    return [sys.executable, str(ROOT / "train.py"), *map(str, args)]
 
 
 def interrupt_after_first_epoch(process):
@@ -148,34 +134,34 @@ def test_one_gpu_run_in_reduced_precision_learns_and_saves_a_loadable_model(tiny
 
 
 def test_fp16_gradient_scaler_skips_an_overflowing_step(tiny_data, tmp_path):
-    run, args, data = build_gpu_run(tiny_data, tmp_path, 100, "--precision", "fp16", gpus=first_gpu())
+    run, data = build_gpu_run(tiny_data, tmp_path, 100, "--precision", "fp16", gpus=first_gpu())
     assert run.autocast_dtype == torch.float16
     assert isinstance(run.scaler, torch.amp.GradScaler) and run.scaler.is_enabled()
 
     # A loss scale of 2**60 makes every fp16 gradient overflow: the step must be skipped and the scale lowered.
     initial = run.scaler.state_dict()
     run.scaler.load_state_dict({**initial, "scale": 2.0**60})
-    before = {name: p.detach().clone() for name, p in run.net.named_parameters()}
+    before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
     conv_dtypes = []
-    hook = run.net.layers[0].conv1.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
-    run.model.train()
+    hook = run.model.layers[0].conv1.register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
+    run.forward_model.train()
     inputs, labels = next(iter(run.train_batches.epoch(0)))
     try:
-        train.training_step(run.model, run.optimizer, run.scaler, inputs, labels, run.autocast_dtype)
+        train.training_step(run.forward_model, run.optimizer, run.scaler, inputs, labels, run.autocast_dtype)
     finally:
         hook.remove()
     assert conv_dtypes == [torch.float16]
-    trainable = [p for p in run.net.parameters() if p.requires_grad]
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
     assert any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in trainable)  # it overflowed
-    for name, p in run.net.named_parameters():
+    for name, p in run.model.named_parameters():
         assert torch.equal(p.detach(), before[name]), f"{name} changed in a step whose gradients overflowed"
     assert run.scaler.get_scale() == 2.0**59
 
     # Training goes on from a skipped step. Back at the trainer's own initial scale (from 2**59 the scaler would
     # need ~40 skipped steps to come down, more than these 2 short epochs have), the network learns in fp16.
     run.scaler.load_state_dict({**run.scaler.state_dict(), "scale": initial["scale"]})
-    assert train.train_loop(run, args, data)
-    assert all_finite(run.net.state_dict().values())
+    assert train.train_loop(run, data)
+    assert all_finite(run.model.state_dict().values())
     assert 0 < run.scaler.get_scale() <= initial["scale"]  # lowered on any overflow, not grown in 20 steps
     assert run.history["epochs"][-1]["test_acc"] > 30
 
@@ -200,31 +186,31 @@ def test_dataparallel_replicas_compute_in_the_planned_dtype_and_gather_on_the_ma
     skip_without_bf16(precision)
     gpus = dataparallel_gpus()
     # Enough images that every GPU of the group gets a share of the batch.
-    run, args, data = build_gpu_run(tiny_data, tmp_path, min(1000, 25 * len(gpus)), "--precision", precision,
+    run, data = build_gpu_run(tiny_data, tmp_path, min(1000, 25 * len(gpus)), "--precision", precision,
                                     gpus=gpus)
     ids = run.plan["device_ids"]
     master = torch.device(f"cuda:{ids[0]}")
     assert ids == [gpu.index for gpu in gpus] and run.plan["parallel"] == "DataParallel"
     assert run.device == master == torch.device(run.plan["device"])
-    assert isinstance(run.model, nn.DataParallel) and isinstance(run.model.module, train.AutocastForward)
-    assert all(p.device == master for p in run.net.parameters())
+    assert isinstance(run.forward_model, nn.DataParallel) and isinstance(run.forward_model.module, train.AutocastForward)
+    assert all(p.device == master for p in run.model.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert run.autocast_dtype == dtype
 
     seen = []  # (dtype, device) of the first conv's output, once per replica (hooks are shared with replicas)
-    hook = run.net.layers[0].conv1.register_forward_hook(lambda m, i, out: seen.append((out.dtype, out.device)))
-    run.model.train()
+    hook = run.model.layers[0].conv1.register_forward_hook(lambda m, i, out: seen.append((out.dtype, out.device)))
+    run.forward_model.train()
     inputs, labels = next(iter(run.train_batches.epoch(0)))
     try:
         # The trainer's own step: autocast entered in this thread with the plan's dtype, then DataParallel.
-        outputs, loss = train.training_step(run.model, run.optimizer, run.scaler, inputs, labels, run.autocast_dtype)
+        outputs, loss = train.training_step(run.forward_model, run.optimizer, run.scaler, inputs, labels, run.autocast_dtype)
     finally:
         hook.remove()
     assert sorted(str(device) for _, device in seen) == sorted(f"cuda:{i}" for i in ids)  # every replica ran
     assert [d for d, _ in seen] == [dtype] * len(ids), f"replicas computed in {seen}, the plan said {dtype}"
     assert outputs.device == master and outputs.dtype == dtype and outputs.shape == (len(labels), 10)
     assert torch.isfinite(loss)
-    assert all(p.grad is None or p.grad.device == master for p in run.net.parameters())
+    assert all(p.grad is None or p.grad.device == master for p in run.model.parameters())
 
 
 @needs_two_gpus
@@ -248,14 +234,14 @@ def test_dataparallel_run_over_every_gpu_finishes(tiny_data, tmp_path):
 
 
 def test_cuda_out_of_memory_backs_off_and_frees_the_failed_step(tiny_data, tmp_path, monkeypatch, capsys):
-    run, args, data = build_gpu_run(tiny_data, tmp_path, 200, gpus=first_gpu())
+    run, data = build_gpu_run(tiny_data, tmp_path, 200, gpus=first_gpu())
     device = run.device
     assert device.type == "cuda" and run.plan["parallel"] == "none"
     fail_at = 8  # training forward 8: step 3 of epoch 2 (5 steps per epoch at batch 200)
-    forward, calls, seen = run.net.forward, {"n": 0}, {}
+    forward, calls, seen = run.model.forward, {"n": 0}, {}
 
     def forward_running_out(x):
-        if not run.net.training:
+        if not run.model.training:
             return forward(x)
         calls["n"] += 1
         if calls["n"] == fail_at:
@@ -269,13 +255,13 @@ def test_cuda_out_of_memory_backs_off_and_frees_the_failed_step(tiny_data, tmp_p
             seen["after"], seen["retry_batch"] = torch.cuda.memory_allocated(device), len(x)
         return forward(x)
 
-    monkeypatch.setattr(run.net, "forward", forward_running_out)
-    assert train.train_loop(run, args, data)
-    assert run.plan["batch_size"] == 100 and seen["retry_batch"] == 100
+    monkeypatch.setattr(run.model, "forward", forward_running_out)
+    assert train.train_loop(run, data)
+    assert run.batch_size == 100 and seen["retry_batch"] == 100
     assert run.history["events"] == [{"out_of_memory": {"epoch": 2, "batch_size": 100}}]
     assert [(r["epoch"], r["batch_size"]) for r in run.history["epochs"]] == [(1, 200), (2, 100)]
     assert "retrying it with batch size 100" in capsys.readouterr().err
-    assert all_finite(run.net.state_dict().values())
+    assert all_finite(run.model.state_dict().values())
     # The failed step held real activations; once backed off, they are gone (the retry starts no fuller than
     # the failed step did, its smaller batch aside).
     assert seen["failing"] - seen["before"] > MEMORY_MARGIN, seen
@@ -290,8 +276,8 @@ def test_cuda_out_of_memory_backs_off_and_frees_the_failed_step(tiny_data, tmp_p
 def interrupted_gpu_run(tiny_data, tmp_path_factory):
     """A 3-epoch run on one GPU, stopped by SIGTERM after its first epoch."""
     out = tmp_path_factory.mktemp("gpu_interrupted")
-    process = start(trainer_command("--epochs", 3, "--seed", 7, "--tta", 0, *TINY, "--data-dir", tiny_data,
-                                    "--out-dir", out), env=one_gpu_env())
+    process = start_trainer("--epochs", 3, "--seed", 7, "--tta", 0, *TINY, "--data-dir", tiny_data, "--out-dir", out,
+                            env=one_gpu_env())
     stderr = interrupt_after_first_epoch(process)
     assert process.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -334,7 +320,7 @@ def test_torchrun_two_nccl_ranks_train_and_a_resumed_run_matches_the_uninterrupt
     common = ["--epochs", 3, "--seed", 4, "--tta", 1, *TINY, "--data-dir", tiny_data]
     uninterrupted, twin, resumed = tmp_path / "uninterrupted", tmp_path / "twin", tmp_path / "resumed"
 
-    result = torchrun(*common, "--out-dir", uninterrupted)
+    result = run_trainer(*common, "--out-dir", uninterrupted, ranks=2)
     assert result.returncode == 0, tail(result)
     assert "[plan] parallel: DistributedDataParallel, 2 ranks" in result.stdout
     history = history_of(uninterrupted)
@@ -342,18 +328,18 @@ def test_torchrun_two_nccl_ranks_train_and_a_resumed_run_matches_the_uninterrupt
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
     assert history["final"]["test_acc"] > 30
 
-    process = start(torchrun_command(*common, "--out-dir", resumed))
+    process = start_trainer(*common, "--out-dir", resumed, ranks=2)
     stderr = interrupt_after_first_epoch(process)  # torchrun passes SIGTERM on to both ranks
     assert "Resume with: torchrun --standalone --nproc_per_node=2 train.py --resume" in stderr, stderr[-3000:]
     assert 1 <= len(history_of(resumed)["epochs"]) < 3
-    result = torchrun("--resume", "--out-dir", resumed)
+    result = run_trainer("--resume", "--out-dir", resumed, ranks=2)
     assert result.returncode == 0, tail(result)
     history = history_of(resumed)
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3]
     assert history["events"][0]["resumed"].endswith("last.pth")
     assert last_state(resumed)["step"] == last_state(uninterrupted)["step"]
 
-    result = torchrun(*common, "--out-dir", twin)
+    result = run_trainer(*common, "--out-dir", twin, ranks=2)
     assert result.returncode == 0, tail(result)
     expected, got = final_model(uninterrupted), final_model(resumed)
     assert expected.keys() == got.keys()
@@ -391,8 +377,7 @@ def test_default_run_on_cifar10_records_its_accuracy_and_time(tmp_path, capsys):
     out = tmp_path / "run"
     t0 = time.time()
     # As a user runs it: the plan's defaults, the environment as it is (OMP_NUM_THREADS not forced).
-    result = subprocess.run(trainer_command("--out-dir", out, "--seed", 0), capture_output=True, text=True,
-                            timeout=3600, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = run_trainer("--out-dir", out, "--seed", 0, timeout=3600)
     wall = time.time() - t0
     assert result.returncode == 0, tail(result)
     history = history_of(out)

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import train
-from conftest import build_tiny_run, run_trainer
-from test_resume import start_trainer, wait_for_line
+from conftest import build_tiny_run, run_trainer, start_trainer, wait_for_line
 from models import SmallCifarNet
 
 
@@ -82,7 +81,7 @@ def one_rank_group():
 
 @pytest.mark.parametrize("torchrun", [False, True])
 def test_no_host_sync_per_training_step(tiny_data, tmp_path, monkeypatch, torchrun, request):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, 50, "--log-every", "20")
+    run, data = build_tiny_run(tiny_data, tmp_path, 50, "--log-every", "20")
     if torchrun:
         request.getfixturevalue("one_rank_group")
         run.dist = train.Dist(rank=0, world_size=2)  # takes the torchrun branches; the group itself has one rank
@@ -115,17 +114,17 @@ def test_optimizer_allocates_momentum_buffers_once(monkeypatch):
 
 
 def test_out_of_memory_back_off_runs_after_the_failed_steps_tensors_are_freed(tiny_data, tmp_path, monkeypatch):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
-    forward, failed_step_tensors = run.net.forward, []
+    run, data = build_tiny_run(tiny_data, tmp_path, 200)
+    forward, failed_step_tensors = run.model.forward, []
 
     def forward_running_out(x):
-        if run.net.training and not failed_step_tensors:
+        if run.model.training and not failed_step_tensors:
             activation = forward(x)  # what the failed step had built when memory ran out
             failed_step_tensors.append(weakref.ref(activation))
             raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
         return forward(x)
 
-    monkeypatch.setattr(run.net, "forward", forward_running_out)
+    monkeypatch.setattr(run.model, "forward", forward_running_out)
     back_off, alive_at_back_off = train.back_off_batch_size, []
 
     def back_off_spy(*a):
@@ -133,13 +132,13 @@ def test_out_of_memory_back_off_runs_after_the_failed_steps_tensors_are_freed(ti
         return back_off(*a)
 
     monkeypatch.setattr(train, "back_off_batch_size", back_off_spy)
-    assert train.train_loop(run, args, data)
+    assert train.train_loop(run, data)
     # On a GPU, empty_cache() can only return memory that nothing references any more.
     assert alive_at_back_off == [False]
 
 
 def test_out_of_memory_inside_the_fp16_scaler_step_retries_with_a_fresh_scaler(tiny_data, tmp_path, monkeypatch):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
+    run, data = build_tiny_run(tiny_data, tmp_path, 200)
     # The gradient scaler of the fp16 plan, here around fp32 arithmetic (emulated fp16 is slow on a CPU); the
     # scaler's stages are the same.
     run.scaler = torch.amp.GradScaler("cpu")
@@ -152,22 +151,22 @@ def test_out_of_memory_inside_the_fp16_scaler_step_retries_with_a_fresh_scaler(t
         return step(*a, **k)
 
     monkeypatch.setattr(run.optimizer, "step", step_running_out)
-    assert train.train_loop(run, args, data)
+    assert train.train_loop(run, data)
     assert run.history["events"] == [{"out_of_memory": {"epoch": 1, "batch_size": 100}}]
     # With the old scaler the retried epoch's first step applied still-scaled gradients (x65536) to the
     # biases and head, and training fell apart.
     assert run.history["epochs"][-1]["test_acc"] > 50
-    assert all(torch.isfinite(p).all() for p in run.net.parameters())
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
 def test_evaluation_out_of_memory_retries_with_smaller_batches(tiny_data, tmp_path, monkeypatch, capsys):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, 200)
+    run, data = build_tiny_run(tiny_data, tmp_path, 200)
     _, _, test_x, test_y = data
-    expected = train.evaluate(run.net, test_x, test_y, tta=2)
-    forward = run.net.forward
-    monkeypatch.setattr(run.net, "forward", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
+    expected = train.evaluate(run.model, test_x, test_y, tta=2)
+    forward = run.model.forward
+    monkeypatch.setattr(run.model, "forward", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
                         if len(x) > 50 else forward(x))
-    assert train.evaluate(run.net, test_x, test_y, tta=2) == pytest.approx(expected)
+    assert train.evaluate(run.model, test_x, test_y, tta=2) == pytest.approx(expected)
     assert "retrying with batch size 50" in capsys.readouterr().err
 
 

@@ -5,19 +5,17 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 
 import train
-from conftest import ROOT, build_tiny_run, run_trainer
+from conftest import TINY, build_tiny_run, run_trainer, start_trainer, wait_for_line
 from test_bad_input import assert_refused
-from test_resume import start_trainer, wait_for_line
 from tiny_cifar import write_tiny_cifar
 
-TINY = ["--batch-size", "100", "--tta", "0", "--seed", "0"]
+QUICK = ["--tta", "0", "--seed", "0"]  # after TINY: no test-time augmentation, one seed
 
 
 def snapshot(folder):
@@ -33,10 +31,10 @@ def assert_all_finite(path):
 # 1. A second run never overwrites the first.
 
 def test_runs_without_out_dir_each_get_a_new_numbered_folder(tiny_data, tmp_path):
-    first = run_trainer("--epochs", 1, "--model", "SmallCifarNet", "--data-dir", tiny_data, *TINY, cwd=tmp_path)
+    first = run_trainer("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     first_files = snapshot(tmp_path / "runs" / "cifar10-001")
-    second = run_trainer("--epochs", 1, "--model", "SmallCifarNet", "--data-dir", tiny_data, *TINY, cwd=tmp_path)
+    second = run_trainer("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "[run] outputs go to runs/cifar10-002" in second.stdout  # said at the start ...
     assert "to runs/cifar10-002 ---" in second.stdout  # ... and at the end
@@ -47,16 +45,16 @@ def test_runs_without_out_dir_each_get_a_new_numbered_folder(tiny_data, tmp_path
 
 def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert run_trainer("--epochs", 1, "--model", "SmallCifarNet", "--data-dir", tiny_data, "--out-dir", out,
-                       *TINY).returncode == 0
+    assert run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", out,
+                       *TINY, *QUICK).returncode == 0
     before = snapshot(out)
-    other_model = ["--model", "PowerCifarNet", "--width-mult", "0.25"]
-    result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    other_model = ["--model", "PowerCifarNet", "--width-mult", "0.25", "--batch-size", 100, *QUICK]
+    result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out)
     assert_refused(result, "already holds a run")
     assert "--resume --out-dir" in result.stderr and "--overwrite" in result.stderr
     assert snapshot(out) == before
 
-    result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--overwrite")
+    result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == sorted(train.RUN_FILES)
     assert torch.load(out / "best_model.pth", weights_only=True)["model_name"] == "PowerCifarNet"
@@ -74,9 +72,8 @@ def test_a_failed_start_leaves_no_empty_folder(tmp_path):
 
 
 def test_an_out_dir_name_too_long_is_refused(tmp_path):
-    args = train.parse_args(["--out-dir", str(tmp_path / ("x" * 300))])
     with pytest.raises(train.UserError, match=r"\(File name too long\)"):
-        train.claim_out_dir(args)
+        train.claim_out_dir(tmp_path / ("x" * 300), resuming=False, overwrite=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -95,20 +92,20 @@ def test_weight_decay_that_diverges_saves_no_model_and_is_named(tiny_data, tmp_p
 
 
 def test_divergence_in_an_epochs_last_steps_keeps_the_earlier_best(tiny_data, tmp_path):
-    run, args, data = build_tiny_run(tiny_data, tmp_path, batch_size=200)  # 2 epochs of 5 steps
-    forward, calls = run.net.forward, {"n": 0}
+    run, data = build_tiny_run(tiny_data, tmp_path, batch_size=200)  # 2 epochs of 5 steps
+    forward, calls = run.model.forward, {"n": 0}
 
     def forward_that_breaks_at_step_9(x):
-        if run.net.training:
+        if run.model.training:
             calls["n"] += 1
             if calls["n"] == 9:  # the last two steps of epoch 2 turn every weight NaN
                 with torch.no_grad():
-                    run.net.head.weight.fill_(float("nan"))
+                    run.model.head.weight.fill_(float("nan"))
         return forward(x)
 
-    run.net.forward = forward_that_breaks_at_step_9
+    run.model.forward = forward_that_breaks_at_step_9
     with pytest.raises(train.TrainingFailed, match="Epoch 2 ended with NaN or infinite weights") as info:
-        train.train_loop(run, args, data)
+        train.train_loop(run, data)
     assert "best_model.pth (epoch 1)" in str(info.value)
     assert "try a lower learning rate" in str(info.value)  # the recipe's settings: no flag to blame
     assert torch.load(tmp_path / "best_model.pth", weights_only=True)["epoch"] == 1
@@ -163,8 +160,8 @@ def small_disk(tmp_path):
 
 def test_disk_filling_up_mid_run_exits_2_keeping_what_was_written(tiny_data, small_disk):
     out = small_disk / "run"
-    process = start_trainer("--epochs", 2, "--model", "SmallCifarNet", "--data-dir", tiny_data, "--out-dir", out,
-                            *TINY)
+    process = start_trainer("--epochs", 2, "--data-dir", tiny_data, "--out-dir", out,
+                            *TINY, *QUICK)
     wait_for_line(process, "--- [6/10]")
     # Another program fills the disk: room is left for best_model.pth (~2 MB) but not for last.pth (~6 MB).
     with open(small_disk / "ballast", "wb") as ballast:
@@ -181,11 +178,11 @@ def test_disk_filling_up_mid_run_exits_2_keeping_what_was_written(tiny_data, sma
 # 4. Two trainers on one folder: the second stops at once, naming the first.
 
 def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp_path):
-    first = start_trainer("--epochs", 3, "--model", "SmallCifarNet", "--data-dir", tiny_data, "--out-dir", tmp_path,
-                          *TINY)
+    first = start_trainer("--epochs", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
+                          *TINY, *QUICK)
     wait_for_line(first, "--- [6/10]")
-    second = run_trainer("--epochs", 3, "--model", "SmallCifarNet", "--data-dir", tiny_data, "--out-dir", tmp_path,
-                         *TINY, "--overwrite")
+    second = run_trainer("--epochs", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
+                         *TINY, *QUICK, "--overwrite")
     assert_refused(second, f"Another trainer (PID {first.pid}) is using {tmp_path}")
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
@@ -198,7 +195,7 @@ def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp
 @pytest.fixture(scope="module")
 def finished_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    result = run_trainer("--epochs", 1, "--model", "SmallCifarNet", "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    result = run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", out, *TINY, *QUICK)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -267,10 +264,7 @@ def test_omp_num_threads_is_respected_and_named_in_the_plan(monkeypatch):
 
 
 def test_under_torchrun_the_trainers_message_comes_last(tiny_data, finished_run):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), "--epochs", 1, "--data-dir", tiny_data, "--out-dir", finished_run, *TINY]
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", finished_run, *TINY, *QUICK, ranks=2)
     assert result.returncode != 0
     assert "already holds a run" in result.stderr
     # torchrun prints its own traceback and failure summary; the summary ends with the trainer's paragraph.

@@ -23,7 +23,7 @@ def test_a_step_moves_each_filter_bank_by_an_orthogonalised_update_at_fixed_norm
     torch.manual_seed(0)
     model = SmallCifarNet()
     optimizer = train.make_optimizer(model, PLAN)
-    train.set_learning_rates(optimizer, PLAN, step=0, steps_per_epoch=10)
+    train.set_learning_rates(optimizer, PLAN, batch_size=PLAN["batch_size"], step=0, steps_per_epoch=10)
     filters = optimizer.param_groups[0]
     assert filters["name"] == "filters" and len(filters["params"]) == 6  # the six 3x3 convs, not the frozen stem
     before = [p.detach().clone() for p in filters["params"]]
@@ -41,7 +41,7 @@ def test_rates_decay_linearly_and_sgd_rates_are_per_example():
     optimizer = train.make_optimizer(SmallCifarNet(), PLAN)
     rates = {}
     for step in (0, 15, 40):
-        train.set_learning_rates(optimizer, PLAN, step=step, steps_per_epoch=10)
+        train.set_learning_rates(optimizer, PLAN, batch_size=PLAN["batch_size"], step=step, steps_per_epoch=10)
         rates[step] = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates[0]["filters"] == pytest.approx(train.MUON_LR)
     assert rates[0]["head"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64)
@@ -50,5 +50,6 @@ def test_rates_decay_linearly_and_sgd_rates_are_per_example():
     assert rates[15]["whiten_bias"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 30))
     assert rates[40]["whiten_bias"] == 0 and rates[40]["filters"] == 0
     # --lr scales every rate together.
-    train.set_learning_rates(optimizer, dict(PLAN, lr=train.MUON_LR / 2), step=0, steps_per_epoch=10)
+    train.set_learning_rates(optimizer, dict(PLAN, lr=train.MUON_LR / 2), batch_size=PLAN["batch_size"], step=0,
+                             steps_per_epoch=10)
     assert optimizer.param_groups[2]["lr"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64 / 2)

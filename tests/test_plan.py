@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from train import MUON_LR, GPU, Hardware, UserError, cpu_has_bf16, make_plan, parse_simulated_gpus, torchrun_hint
+from train import MUON_LR, GPU, Hardware, UserError, cpu_has_bf16, make_plan, parse_simulated_gpus, torchrun_command
 
 
 def gpus(*specs):
@@ -22,7 +22,7 @@ def test_mixed_a6000_and_two_3090s_uses_the_3090s_with_master_cuda1():
     assert plan["parallel"] == "DataParallel"
     assert plan["ignored_gpus"] == ["GPU 0 NVIDIA RTX A6000"]
     assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.5}
-    assert "CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2" in torchrun_hint(plan)
+    assert "CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2" in torchrun_command(2, plan["device_ids"])
 
 
 def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
@@ -31,7 +31,6 @@ def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
     assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.0}
     assert plan["batch_size"] == 2000 and plan["lr"] == MUON_LR and plan["epochs"] == 8
     assert plan["precision"] == "bf16"
-    assert torchrun_hint(plan) is None
 
 
 def test_single_large_gpu_gets_the_wider_network():
@@ -130,17 +129,18 @@ def test_plan_is_pure():
 
 
 def test_parse_simulated_gpus():
-    hw = parse_simulated_gpus("NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24, NVIDIA GeForce RTX 3090:24", 8)
+    spec = "NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24, NVIDIA GeForce RTX 3090:24"
+    hw = parse_simulated_gpus(spec, Hardware((), 8))
     assert [g.name for g in hw.gpus] == ["NVIDIA RTX A6000", "NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3090"]
     assert [g.memory_gb for g in hw.gpus] == [48, 24, 24]
     assert hw.simulated
-    assert parse_simulated_gpus("Tesla V100:16:7.0", 8).gpus[0].bf16 is False
+    assert parse_simulated_gpus("Tesla V100:16:7.0", Hardware((), 8)).gpus[0].bf16 is False
 
 
 @pytest.mark.parametrize("spec", ["", "RTX 3090", "RTX:abc", ":24", "RTX:-1", "RTX:24:x", "a:1:2:3"])
 def test_malformed_simulated_gpus_are_refused(spec):
     with pytest.raises(UserError, match="--simulate-gpus"):
-        parse_simulated_gpus(spec, 8)
+        parse_simulated_gpus(spec, Hardware((), 8))
 
 
 def test_cpu_bf16_probe_missing_from_torch_means_the_fp32_plan(monkeypatch):

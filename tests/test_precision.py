@@ -14,10 +14,10 @@ from tiny_cifar import write_tiny_cifar
 def test_mixed_precision_training_step_path(tmp_path, precision):
     # 50 training images: CPUs without bf16/fp16 units emulate these convolutions, slowly.
     write_tiny_cifar(tmp_path / "data", per_batch=10, test_size=50)
-    run, args, data = build_tiny_run(tmp_path / "data", tmp_path, 25)
+    run, data = build_tiny_run(tmp_path / "data", tmp_path, 25)
     run.autocast_dtype, run.scaler = train.make_precision(precision, run.device)
     assert run.autocast_dtype in (torch.bfloat16, torch.float16)
-    assert train.train_loop(run, args, data)
+    assert train.train_loop(run, data)
     rows = run.history["epochs"]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
     assert rows[-1]["test_acc"] > 30  # it learned, in reduced precision

@@ -2,34 +2,12 @@
 import json
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_trainer
-
-TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--tta", "0"]
-
-
-def start_trainer(*args):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
-
-
-def wait_for_line(process, text, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if text in line:
-            return
-        if not line and process.poll() is not None:
-            raise AssertionError(f"trainer exited before printing {text!r}: {process.stderr.read()}")
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
+from conftest import TINY, run_trainer, start_trainer, wait_for_line
 
 def epoch_numbers(out):
     return [(row["epoch"], row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"])
@@ -51,7 +29,7 @@ def final_weights(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--tta", 0)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -59,7 +37,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_and_resume_matches_the_uninterrupted_run(uninterrupted, tiny_data, tmp_path, sig, code):
     """Also shows that --seed fixes a CPU run: the resumed run's numbers equal another process's run."""
-    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tta", 0)
     wait_for_line(process, "[epoch 1/3]")
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
@@ -85,14 +63,14 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
         # Killed before its first last.pth, a run leaves at most a best_model.pth: start it over.
         resume = ["--resume"] if (tmp_path / "last.pth").exists() else ["--overwrite"]
         process = start_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
-                                *TINY, *resume)
+                                *TINY, "--tta", 0, *resume)
         wait_for_line(process, "--- [6/10]")
         time.sleep(rng.uniform(0.2, 2.5))
         process.kill()
         process.communicate()
         assert_every_file_loads(tmp_path)  # whatever the moment, every file there is whole
     resume = ["--resume"] if (tmp_path / "last.pth").exists() else ["--overwrite"]
-    result = run_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
+    result = run_trainer("--epochs", epochs, "--seed", 3, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tta", 0,
                          *resume)
     assert result.returncode == 0, result.stderr
     assert [row[0] for row in epoch_numbers(tmp_path)] == list(range(1, epochs + 1))
@@ -101,7 +79,7 @@ def test_sigkill_at_random_moments_then_resume_completes(tiny_data, tmp_path):
 
 
 def test_second_ctrl_c_exits_at_once_and_tears_nothing(tiny_data, tmp_path):
-    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY)
+    process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tta", 0)
     wait_for_line(process, "[epoch 1/3]")
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)

@@ -4,17 +4,16 @@ import json
 import pytest
 import torch
 
-from conftest import run_trainer
+from conftest import TINY, run_trainer
 from models import MODELS
 from train import cpu_has_bf16, evaluate, load_cifar10, load_trained_model
 
-TINY = ["--batch-size", "100", "--model", "SmallCifarNet", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
 def two_epoch_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = run_trainer("--epochs", 2, "--data-dir", tiny_data, "--out-dir", out, *TINY)
+    result = run_trainer("--epochs", 2, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--seed", 1)
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result
 
