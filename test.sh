@@ -24,7 +24,7 @@ echo "== Hardware and plan"
 "$PYTHON" train.py --dry-run
 
 echo "== Tests"
-"$PYTHON" -m pytest -q --durations=12 tests
+"$PYTHON" -m pytest -q --durations=15 tests
 
 echo "== Smoke run: 2 epochs on tiny generated data"
 tmp=$(mktemp -d)

@@ -1,8 +1,10 @@
-"""Train a CIFAR-10 classifier, fast, on whatever machine this runs on.
+"""Train a CIFAR classifier, fast, on whatever machine this runs on.
 
-    python train.py              # detect hardware, plan, train, save to a new runs/cifar10-NNN/
-    python train.py --dry-run    # print the hardware and the plan, touch nothing
-    python train.py --help       # every flag
+    python train.py                       # detect hardware, plan, train CIFAR-10, save to a new runs/cifar10-NNN/
+    python train.py --dataset cifar100    # CIFAR-100, top-1 and top-5 accuracy
+    python train.py --data-dir my_images  # your images: my_images/train/<class>/..., my_images/test/<class>/...
+    python train.py --dry-run             # print the hardware, the plan and the data, touch nothing
+    python train.py --help                # every flag
 
 The story of a run, top to bottom: detect the hardware, make a plan (a pure function of the
 hardware), load the data onto the training device, build the model, train, evaluate, save.
@@ -19,14 +21,11 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import signal
 import sys
-import tarfile
 import time
-import urllib.request
 import zipfile
 import dataclasses
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets import DATASETS, DataError, Dataset, choose_dataset, class_folders, fetch_dataset, load_dataset
 from models import MODELS, PowerCifarNet, build_model, count_macs, count_parameters
 
 try:  # absent on Windows, where runs are still never overwritten but their folder is not locked
@@ -51,15 +51,10 @@ except ImportError:
 # ----------------------------------------------------------------------------------------------
 # Configuration: the recipe's constants, visible in one place.
 
-# CIFAR10_URL in the environment points the download at a mirror.
-CIFAR10_URL = os.environ.get("CIFAR10_URL", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_FOLDER = "cifar-10-batches-py"
-TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_FILE = "test_batch"
-CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Everything about each dataset (where it comes from, its files, labels, classes, normalisation) is one entry
+# of datasets.DATASETS.
+TOP5_MIN_CLASSES = 20  # top-5 accuracy is reported for datasets with this many classes or more
+IMAGE_SIZES = (16, 256)  # what --image-size accepts: CifarNet's three poolings need 16; 256 keeps the data in memory
 
 # Optimiser (airbench94_muon). Conv filters: Muon, momentum whose update is orthogonalised, so every
 # direction of a filter bank moves at the same rate; its step does not depend on the batch size.
@@ -72,8 +67,16 @@ SGD_MOMENTUM = 0.85
 BIAS_LR_PER_EXAMPLE = 0.053  # BatchNorm and whitening biases
 HEAD_LR_PER_EXAMPLE = 0.67
 WEIGHT_DECAY_PER_EXAMPLE = 2e-6  # on biases and head; Muon's filters are renormalised instead
-LABEL_SMOOTHING = 0.2  # softer targets regularise the short, high-learning-rate schedule (airbench)
-WHITEN_BIAS_EPOCHS = 3  # the whitening layer's bias trains only this long (its rate decays to 0), then freezes
+# The ResNets' recipe (the model names its recipe: models.py): Nesterov SGD on every parameter, a linear
+# warm-up, then cosine decay to zero, as the ResNet papers train them. The airbench rates above are tuned
+# for CifarNet's scaled head and frozen BatchNorm scales; on a ResNet they diverge within steps (measured).
+SGD_BATCH_SIZE = 512
+SGD_LR = 0.2  # at batch 512: 0.1 per 256 images, the papers' rate
+SGD_NESTEROV_MOMENTUM = 0.9
+SGD_WEIGHT_DECAY = 5e-4
+SGD_WARMUP_FRACTION = 0.1  # of all steps: the large early steps need BatchNorm statistics to settle first
+LABEL_SMOOTHING = 0.2  # softer targets regularise the short, high-learning-rate schedule (airbench); both recipes
+STEM_BIAS_EPOCHS = 3  # a stem bias (the whitening layer's) trains only this long (its rate decays to 0), then freezes
 TRANSLATE_PIXELS = 2  # random translation of up to 2 pixels (reflect padding)
 EVAL_BATCH_SIZE = 2000
 PRECISIONS = ("fp32", "bf16", "fp16")  # what --precision accepts; the plan picks one per device
@@ -83,10 +86,10 @@ MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declare
 MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 MAX_SEED = 2**32 - 1
 
-RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar10-002, ...
-RUN_PREFIX = "cifar10-"
+RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
 RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png")  # what a run writes
-CHECKPOINT_FORMAT = 3  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
+CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
+CHECKPOINT_FORMAT = 4  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -201,7 +204,9 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
     group, ignored, reasons["devices"] = choose_devices(hw, disable_auto)
     model_name, model_kwargs, tier_epochs, reasons["model"] = choose_model(group, hw.cpu_bf16, disable_auto, model,
                                                                            width_mult)
-    tier_batch = BATCH_SIZE
+    recipe = MODELS[model_name].RECIPE
+    defaults = RECIPE_DEFAULTS[recipe]
+    tier_batch = defaults["batch_size"]
     if world_size > 1:
         group, ignored = check_rank_gpu(hw, group, local_rank), []
         reasons["devices"] = (f"torchrun: rank on GPU {local_rank}" if group else "torchrun: ranks on the CPU (gloo)") \
@@ -214,13 +219,17 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
         "gpu_name": group[0].name if group else None,
         "model": model_name,
         "model_kwargs": model_kwargs,
+        "recipe": recipe,
     }
+    reasons["recipe"] = ("airbench94_muon: Muon on the conv filters, SGD with per-example rates on biases and head"
+                         if recipe == "muon" else
+                         "the ResNet papers': Nesterov SGD, warm-up and cosine decay (the airbench rates diverge on "
+                         "ResNets)")
     plan["batch_size"], reasons["batch_size"] = _given_or(batch_size, tier_batch, "--batch-size",
                                                           "the recipe's global batch")
-    plan["lr"], reasons["lr"] = _given_or(lr, MUON_LR, "--lr", "the recipe's Muon rate for the conv filters; "
-                                          "the per-example SGD rates of biases and head scale with it")
-    plan["weight_decay"], reasons["weight_decay"] = _given_or(weight_decay, WEIGHT_DECAY_PER_EXAMPLE,
-                                                              "--weight-decay", "the recipe's, per example")
+    plan["lr"], reasons["lr"] = _given_or(lr, defaults["lr"], "--lr", defaults["lr_reason"])
+    plan["weight_decay"], reasons["weight_decay"] = _given_or(weight_decay, defaults["weight_decay"],
+                                                              "--weight-decay", defaults["weight_decay_reason"])
     plan["epochs"], reasons["epochs"] = _given_or(epochs, tier_epochs, "--epochs", "the default for this tier")
     plan["precision"], reasons["precision"] = choose_precision(group, hw.cpu_bf16, precision)
     plan["parallel"] = "DataParallel" if len(group) > 1 else "none"
@@ -303,6 +312,15 @@ def model_tier(group, cpu_bf16):
                 f"a {group[0].memory_gb:.0f} GB GPU: the light network keeps memory and time low")
     return ("PowerCifarNet", {"width_mult": 1.0}, 8,
             f"one {total_gb:.0f} GB GPU: the airbench94-sized network, 94% on the original CIFAR-10 in seconds")
+
+
+RECIPE_DEFAULTS = {
+    "muon": dict(batch_size=BATCH_SIZE, lr=MUON_LR, weight_decay=WEIGHT_DECAY_PER_EXAMPLE,
+                 lr_reason="the recipe's Muon rate for the conv filters; the per-example SGD rates of biases and "
+                           "head scale with it", weight_decay_reason="the recipe's, per example"),
+    "sgd": dict(batch_size=SGD_BATCH_SIZE, lr=SGD_LR, weight_decay=SGD_WEIGHT_DECAY,
+                lr_reason="the recipe's peak SGD rate (0.1 per 256 images)", weight_decay_reason="the recipe's"),
+}
 
 
 def choose_precision(group, cpu_bf16, precision=None):
@@ -422,6 +440,7 @@ def print_plan(plan):
     print(f"[plan] device: {plan['device']} ({r['devices']})")
     kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
     print(f"[plan] model: {plan['model']}({kwargs}) ({r['model']})")
+    print(f"[plan] recipe: {plan['recipe']} ({r['recipe']})")
     model = build_model(plan["model"], **plan["model_kwargs"])
     print(f"[model] {plan['model']}({kwargs}), {count_parameters(model):,} parameters, "
           f"{count_macs(model) / 1e6:.0f}M multiply-adds per image")
@@ -444,204 +463,47 @@ def print_plan(plan):
 # 3. Data: the whole dataset as one uint8 tensor on the training device, augmented there in batches.
 
 
-def download_cifar10(data_dir, url=CIFAR10_URL):
-    """Download the official archive, check its MD5 and extract it safely into data_dir."""
-    from tqdm import tqdm
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    archive = data_dir / "cifar-10-python.tar.gz"
-    partial = archive.with_name(archive.name + ".part")
-    print(f"[data] downloading {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
-        partial.unlink(missing_ok=True)
-        raise UserError(
-            f"CIFAR-10 is not in {data_dir / CIFAR10_FOLDER} and downloading it from {url} failed ({e}). "
-            f"If this machine is offline, fetch cifar-10-python.tar.gz elsewhere and extract it so that "
-            f"{data_dir / CIFAR10_FOLDER}/data_batch_1 ... data_batch_5 and test_batch exist, "
-            f"or point --data-dir at a folder that holds {CIFAR10_FOLDER}/."
-        ) from None
-    if file_md5(partial) != CIFAR10_MD5:
-        partial.unlink()
-        raise UserError(f"The archive downloaded from {url} does not have the expected MD5 {CIFAR10_MD5}; "
-                        f"it was deleted. Try again, or download it by hand into {data_dir}.")
-    os.replace(partial, archive)
-    # Extracted beside the target, then renamed into place: a process waiting for the folder (fetch_dataset)
-    # sees it whole or not at all.
-    staging, folder = data_dir / f".extracting.{os.getpid()}", data_dir / CIFAR10_FOLDER
-    try:
-        safe_extract(archive, staging)
-        if folder.is_dir():
-            folder.rmdir()  # an empty folder (a full one is never downloaded over)
-        os.replace(staging / CIFAR10_FOLDER, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"[data] extracted to {folder}")
+DATA_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")  # the parts of LoadedData trained on
 
 
-def file_md5(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def safe_extract(archive, target):
-    """Extract a tar archive, refusing members that would land outside target."""
-    target = Path(target).resolve()
-    with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            dest = (target / member.name).resolve()
-            bad = member.name.startswith("/") or not dest.is_relative_to(target)
-            if member.issym() or member.islnk():
-                link_dest = (dest.parent / member.linkname).resolve() if member.issym() else (target / member.linkname).resolve()
-                bad = bad or member.linkname.startswith("/") or not link_dest.is_relative_to(target)
-            if bad or not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-                raise UserError(f"Refusing to extract {archive}: member {member.name!r} would be written outside "
-                                f"{target} or is not a regular file. The archive is not the official CIFAR-10 one.")
-        # The "data" filter (Python 3.11.4+) adds its own checks on top of ours where available.
-        tar.extractall(target, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10 batches hold (numpy arrays, lists, strings): a pickle that asks for
-    anything else, such as a function to call, is refused instead of run."""
-
-    # __builtin__.bytes: how a Python 2 pickle spells an empty byte string (an array with no images).
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode"), ("__builtin__", "bytes")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which CIFAR-10 files never contain")
-        return super().find_class(module, name)
-
-
-def read_batch_file(path):
-    """Read one CIFAR-10 batch (a Python 2 pickle) and validate it. Returns (uint8 N,3,32,32; int64 N)."""
-    try:
-        with open(path, "rb") as f:
-            batch = CifarUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise UserError(f"CIFAR-10 file {path} is missing. Delete the folder {path.parent} and run again "
-                        f"to download a fresh copy, or restore the file.") from None
-    except OSError as e:  # a folder where the file should be, no permission, a failing disk
-        raise UserError(f"CIFAR-10 file {path} cannot be read ({e.strerror or e}). Delete the folder "
-                        f"{path.parent} and run again to download a fresh copy, or restore the file.") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError) as e:
-        raise UserError(f"CIFAR-10 file {path} is truncated or not a CIFAR-10 pickle ({type(e).__name__}: {e}). "
-                        f"Delete the folder {path.parent} and run again to download a fresh copy.") from None
-    problem = None
-    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        problem = "it has no 'data' and 'labels' entries"
-    else:
-        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
-            problem = f"its images have shape {data.shape} and type {data.dtype}, expected (N, 3072) uint8"
-        elif len(data) == 0:
-            problem = "it holds no images"
-        elif labels.shape != (len(data),):
-            problem = f"it has {labels.size} labels for {len(data)} images"
-        elif not np.issubdtype(labels.dtype, np.integer):
-            problem = f"its labels are of type {labels.dtype}, expected integers 0..9"
-        elif len(labels) and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
-            problem = f"its labels range over {labels.min()}..{labels.max()}, expected 0..9"
-    if problem:
-        raise UserError(f"CIFAR-10 file {path} is not valid: {problem}. Delete the folder {path.parent} "
-                        f"and run again to download a fresh copy.")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
-
-
-def ensure_cifar10(data_dir):
-    """Download CIFAR-10 into data_dir unless it is there."""
-    folder = data_dir / CIFAR10_FOLDER
-    for path in (data_dir, folder):
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--data-dir: {path} is a file, but it should be a folder holding {CIFAR10_FOLDER}/. "
-                            f"Point --data-dir at the folder that holds {CIFAR10_FOLDER}/, or at an empty folder "
-                            f"to download CIFAR-10 into.")
-    if not has_cifar10(data_dir):
-        download_cifar10(data_dir)
-
-
-def has_cifar10(data_dir):
-    folder = data_dir / CIFAR10_FOLDER
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def fetch_dataset(data_dir, dist, wait_s=DOWNLOAD_WAIT_S):
-    """CIFAR-10 in data_dir on every machine, before the process group forms.
-
-    Only each machine's first process (LOCAL_RANK 0) downloads: machines without shared storage each need a
-    copy, and one machine's processes must not download over each other. The others wait for the folder,
-    which appears whole. Waiting here rather than in a barrier of the process group keeps NCCL's watchdog
-    from aborting the waiting ranks during a slow download.
-    """
-    if dist.local_rank == 0:
-        ensure_cifar10(data_dir)
-        return
-    deadline = time.monotonic() + wait_s
-    while not has_cifar10(data_dir):
-        if time.monotonic() > deadline:
-            raise UserError(f"Waited {wait_s / 60:.0f} minutes for this machine's first process (LOCAL_RANK 0) to "
-                            f"download CIFAR-10 into {data_dir}, and it is not there. See that process's error, or "
-                            f"put the data there before starting.")
-        time.sleep(1)
-
-
-def load_cifar10(data_dir, download=True):
-    """Return (train_images, train_labels, test_images, test_labels) as CPU tensors, uint8 and int64."""
-    if download:
-        ensure_cifar10(data_dir)
-    elif not has_cifar10(data_dir):
-        raise UserError(f"CIFAR-10 is not in {data_dir / CIFAR10_FOLDER}.")
-    folder = data_dir / CIFAR10_FOLDER
-    train = [read_batch_file(folder / name) for name in TRAIN_FILES]
-    test_images, test_labels = read_batch_file(folder / TEST_FILE)
-    train_images = torch.cat([images for images, _ in train])
-    train_labels = torch.cat([labels for _, labels in train])
-    return train_images, train_labels, test_images, test_labels
-
-
-def load_data_to_device(data_dir, device):
-    """The whole dataset (fetched beforehand by fetch_dataset), moved once to the training device."""
+def load_data_to_device(dataset, data_dir, image_size, device):
+    """The whole dataset (fetched beforehand by fetch_dataset), moved once to the training device.
+    Returns the data (datasets.LoadedData) and its fingerprint."""
     t0 = time.time()
-    data = load_cifar10(data_dir, download=False)
-    fingerprint = data_fingerprint(*data)
-    data = [t.to(device) for t in data]
-    print(f"[data] {len(data[0])} training and {len(data[2])} test images on {device} in {time.time() - t0:.1f}s")
+    data = load_dataset(dataset, data_dir, image_size)
+    fingerprint = data_fingerprint(data)
+    data = dataclasses.replace(data, **{name: getattr(data, name).to(device) for name in DATA_TENSORS})
+    names = ", ".join(data.class_names[:10]) + (", ..." if len(data.class_names) > 10 else "")
+    print(f"[data] {data.source}: {len(data.train_images):,} training and {len(data.test_images):,} test images of "
+          f"{image_size}x{image_size}, {len(data.class_names)} classes ({names}), on {device} in "
+          f"{time.time() - t0:.1f}s")
     return data, fingerprint
 
 
-def data_fingerprint(train_images, train_labels, test_images, test_labels):
-    """Sizes and a hash of every image and label: a resumed run must continue on the data it started on.
+def data_fingerprint(data):
+    """Sizes, classes and a hash of every image and label: a resumed run must continue on the data it started on.
 
     blake2b over the whole dataset costs ~0.3 s for CIFAR-10 on one core, small next to loading it."""
     digest = hashlib.blake2b(digest_size=16)
-    for tensor in (train_images, train_labels, test_images, test_labels):
-        digest.update(tensor.contiguous().numpy())
-    return {"train_images": len(train_images), "test_images": len(test_images),
-            "image_shape": list(train_images.shape[1:]), "blake2b": digest.hexdigest()}
+    for name in DATA_TENSORS:
+        digest.update(getattr(data, name).contiguous().numpy())
+    return {"train_images": len(data.train_images), "test_images": len(data.test_images),
+            "image_shape": list(data.train_images.shape[1:]), "classes": list(data.class_names),
+            "blake2b": digest.hexdigest()}
 
 
-def normalize(images_uint8, dtype=torch.float32):
-    mean, std = normalization_tensors(images_uint8.device, dtype)
+def normalize(images_uint8, normalization, dtype=torch.float32):
+    """uint8 images to floats of mean 0 and deviation 1 per channel; normalization is the data's (mean, std)."""
+    mean, std = normalization_tensors(normalization, images_uint8.device, dtype)
     return (images_uint8.to(dtype) / 255 - mean) / std
 
 
 @functools.lru_cache
-def normalization_tensors(device, dtype):
+def normalization_tensors(normalization, device, dtype):
     """Made once per device: copying them from the host for every batch would make the GPU wait each step."""
-    return (torch.tensor(CIFAR_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
-            torch.tensor(CIFAR_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+    mean, std = normalization
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1))
 
 
 def translate_batch(images, shifts):
@@ -670,8 +532,8 @@ class TrainBatches:
     global batch, so the ranks' shards are disjoint and together make exactly one global batch.
     """
 
-    def __init__(self, images, labels, batch_size, seed, rank=0, world_size=1):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, normalization, batch_size, seed, rank=0, world_size=1):
+        self.images, self.labels, self.normalization = images, labels, normalization
         self.batch_size = batch_size
         self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         flip_gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -690,14 +552,14 @@ class TrainBatches:
         flips = self.first_flips ^ bool(epoch % 2)
         for b in range(skip, len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank_slice]
-            inputs = normalize(self.images[index])
+            inputs = normalize(self.images[index], self.normalization)
             inputs = torch.where(flips[index].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
             inputs = translate_batch(inputs, shifts[index]).contiguous(memory_format=torch.channels_last)
             yield inputs, self.labels[index]
 
 
-def make_train_batches(train_images, train_labels, batch_size, seed, dist):
-    batches = TrainBatches(train_images, train_labels, batch_size, seed, dist.rank, dist.world_size)
+def make_train_batches(train_images, train_labels, normalization, batch_size, seed, dist):
+    batches = TrainBatches(train_images, train_labels, normalization, batch_size, seed, dist.rank, dist.world_size)
     if len(batches) == 0:
         raise UserError(f"--batch-size {batch_size} is larger than the {len(train_images)} training images. "
                         f"Choose a smaller --batch-size.")
@@ -708,11 +570,11 @@ def make_train_batches(train_images, train_labels, batch_size, seed, dist):
 # 4. Model, optimiser and learning-rate schedule
 
 
-def prepare_model(plan, train_images, device):
-    """The plan's network, initialised from the data, on the training device."""
-    model = build_model(plan["model"], **plan["model_kwargs"])
-    # Whitening statistics from 5000 training images are as good as from all 50000.
-    model.init_whitening(normalize(train_images[:5000].cpu()))
+def prepare_model(plan, data, device):
+    """The plan's network for the data's classes, initialised from the data, on the training device."""
+    model = build_model(plan["model"], num_classes=len(data.class_names), **plan["model_kwargs"])
+    if model.DATA_INIT_IMAGES:  # e.g. CifarNet's whitening stem, set from the statistics of training images
+        model.init_from_data(normalize(data.train_images[:model.DATA_INIT_IMAGES].cpu(), (data.mean, data.std)))
     # channels_last: measured 1.25x faster on the CPU; the layout tensor cores want on a GPU.
     return model.to(device, memory_format=torch.channels_last)
 
@@ -797,9 +659,13 @@ class MuonAndSGD(torch.optim.Optimizer):
 
 
 def make_optimizer(model, plan):
-    """Muon for the conv filters (first group); Nesterov SGD for the biases and the head."""
-    named = dict(model.named_parameters())
+    """Muon for the conv filters (first group); Nesterov SGD for the biases and the head. The model says which
+    parameters are which (models.py, the model contract)."""
+    groups = model.parameter_groups()
     wd = plan["weight_decay"]
+    if plan["recipe"] == "sgd":
+        return MuonAndSGD([dict(name="all", params=[p for group in groups.values() for p in group],
+                                orthogonalize=False, momentum=SGD_NESTEROV_MOMENTUM, weight_decay=wd)])
 
     def sgd_group(name, params, lr_per_example):
         # SGD's weight decay is multiplied by the rate: dividing by it makes the decay per example.
@@ -807,21 +673,29 @@ def make_optimizer(model, plan):
                     momentum=SGD_MOMENTUM, weight_decay=wd / lr_per_example)
 
     return MuonAndSGD([
-        dict(name="filters", params=[p for p in named.values() if p.ndim == 4 and p.requires_grad],
-             peak_lr=MUON_LR, per_example=False, orthogonalize=True, momentum=MUON_MOMENTUM, weight_decay=0.0),
-        sgd_group("norm_biases", [p for n, p in named.items() if "norm" in n and p.requires_grad], BIAS_LR_PER_EXAMPLE),
-        sgd_group("head", [named["head.weight"]], HEAD_LR_PER_EXAMPLE),
-        sgd_group("whiten_bias", [named["whiten.bias"]], BIAS_LR_PER_EXAMPLE),
+        dict(name="filters", params=groups["filters"], peak_lr=MUON_LR, per_example=False, orthogonalize=True,
+             momentum=MUON_MOMENTUM, weight_decay=0.0),
+        sgd_group("norms", groups["norms"], BIAS_LR_PER_EXAMPLE),
+        sgd_group("head", groups["head"], HEAD_LR_PER_EXAMPLE),
+        sgd_group("stem_bias", groups["stem_bias"], BIAS_LR_PER_EXAMPLE),
     ])
 
 
 def set_learning_rates(optimizer, plan, batch_size, step, steps_per_epoch):
-    """Every rate falls linearly from its peak to 0: over the run, or over the whitening bias's epochs.
-
-    --lr scales every peak alike; per-example SGD rates are multiplied by the batch size."""
+    """Muon recipe: every rate falls linearly from its peak to 0, over the run or over the stem bias's epochs;
+    --lr scales every peak alike; per-example SGD rates are multiplied by the batch size.
+    SGD recipe: a linear warm-up to --lr, then cosine decay to 0."""
+    if plan["recipe"] == "sgd":
+        total = plan["epochs"] * steps_per_epoch
+        warmup = max(1, round(SGD_WARMUP_FRACTION * total))
+        after = (step - warmup) / max(1, total - warmup)
+        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+        for group in optimizer.param_groups:
+            group["lr"] = plan["lr"] * factor
+        return
     scale = plan["lr"] / MUON_LR
     for group in optimizer.param_groups:
-        decay_epochs = WHITEN_BIAS_EPOCHS if group["name"] == "whiten_bias" else plan["epochs"]
+        decay_epochs = STEM_BIAS_EPOCHS if group["name"] == "stem_bias" else plan["epochs"]
         peak = scale * group["peak_lr"] * (batch_size if group["per_example"] else 1)
         group["lr"] = peak * max(0.0, 1 - step / (decay_epochs * steps_per_epoch))
 
@@ -838,8 +712,12 @@ class Run:
     dist: Dist
     device: torch.device
     out_dir: Path
+    dataset: Dataset  # the table entry (datasets.DATASETS)
     data_dir: Path
+    image_size: int
     data_fingerprint: dict
+    class_names: list
+    normalization: tuple  # the data's (mean, std) per channel
     model: nn.Module  # the network: what is saved and evaluated
     forward_model: nn.Module  # what training calls: the model, or DataParallel over it
     optimizer: MuonAndSGD
@@ -856,7 +734,7 @@ class Run:
     start_epoch: int = 0
     batch_in_epoch: int = 0
     epoch_rng: torch.Tensor | None = None  # the data generator's state at the start of the epoch in progress
-    epoch_sums: torch.Tensor | None = None  # summed loss, correct predictions and images of the epoch so far
+    epoch_sums: torch.Tensor | None = None  # summed loss, top-1 and top-5 correct and images of the epoch so far
     epoch_seconds: float = 0.0
     nonfinite_steps: torch.Tensor | None = None  # NaN/inf losses in a row, counted on the device
     best_acc: float = -1.0
@@ -868,14 +746,15 @@ class Run:
         return "GPU Mem" if self.device.type == "cuda" else "Mem"
 
 
-def build_run(args, hw, plan, data, fingerprint, seed, dist, out_dir, data_dir):
-    train_images, train_labels, _, _ = data
+
+
+def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir):
     device = torch.device(plan["device"])
     stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    model = prepare_model(plan, train_images, device)
+    model = prepare_model(plan, data, device)
     autocast_dtype, scaler = make_precision(plan["precision"], device)
     forward_model = model
     if plan["parallel"] == "DataParallel":
@@ -886,16 +765,20 @@ def build_run(args, hw, plan, data, fingerprint, seed, dist, out_dir, data_dir):
         stage(5, f"DistributedDataParallel over {dist.world_size} ranks: gradients averaged by all-reduce")
     else:
         stage(5, "single device, no DataParallel")
-    return Run(plan=plan, seed=seed, dist=dist, device=device, out_dir=out_dir, data_dir=data_dir.resolve(),
-               data_fingerprint=fingerprint, model=model, forward_model=forward_model,
-               optimizer=make_optimizer(model, plan), autocast_dtype=autocast_dtype, scaler=scaler,
-               batch_size=plan["batch_size"],
-               train_batches=make_train_batches(train_images, train_labels, plan["batch_size"], seed, dist),
+    normalization = (data.mean, data.std)
+    return Run(plan=plan, seed=seed, dist=dist, device=device, out_dir=out_dir, dataset=dataset,
+               data_dir=data_dir.resolve(), image_size=data.train_images.shape[-1], data_fingerprint=fingerprint,
+               class_names=list(data.class_names), normalization=normalization, model=model,
+               forward_model=forward_model, optimizer=make_optimizer(model, plan), autocast_dtype=autocast_dtype,
+               scaler=scaler, batch_size=plan["batch_size"],
+               train_batches=make_train_batches(data.train_images, data.train_labels, normalization,
+                                                plan["batch_size"], seed, dist),
                log_every=args.log_every,
                memory_devices=[torch.device("cuda", i) for i in plan["device_ids"]] or [device],
                history={"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
-                        "epochs": [], "events": []},
-               stop=StopRequest(), epoch_sums=torch.zeros(3, device=device),
+                        "dataset": {"name": dataset.title, "source": data.source, "classes": list(data.class_names),
+                                    "notes": data.notes}, "epochs": [], "events": []},
+               stop=StopRequest(), epoch_sums=torch.zeros(4, device=device),
                nonfinite_steps=torch.zeros((), device=device))
 
 
@@ -915,7 +798,6 @@ def hardware_for_json(hw):
 def train_loop(run, data):
     """Train epochs from where the run stands; evaluate and save after each. False if stopped early."""
     plan = run.plan
-    _, _, test_images, test_labels = data
     epoch, epoch_start = run.start_epoch, None
     while epoch < plan["epochs"]:
         skip = run.batch_in_epoch
@@ -947,25 +829,29 @@ def train_loop(run, data):
             save_outputs(run, state=training_state(run, epoch))
             return False
         run.dist.sync_state_from_main(run.model)  # BatchNorm statistics drift per rank; evaluate rank 0's
-        loss_sum, correct, seen = run.epoch_sums.tolist()
-        test_loss, test_acc = evaluate(run.model, test_images, test_labels, 0, run.autocast_dtype, run.dist)
+        loss_sum, correct, top5_correct, seen = run.epoch_sums.tolist()
+        test_loss, test_acc, test_top5 = evaluate(run.model, data.test_images, data.test_labels, run.normalization,
+                                                  0, run.autocast_dtype, run.dist)
         peaks = peak_memory_gb(run.memory_devices)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-               "test_loss": test_loss, "test_acc": test_acc, "lr": run.optimizer.param_groups[0]["lr"],
+               "train_top5": 100 * top5_correct / seen if test_top5 is not None else None,
+               "test_loss": test_loss, "test_acc": test_acc, "test_top5": test_top5,
+               "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
                "peak_memory_gb": max(peaks, default=None), "peak_memory_gb_per_device": peaks,
                "batch_size": run.batch_size}
         check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
-        print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}% | "
-              f"test loss {test_loss:.3f} acc {test_acc:.2f}% | {row['seconds']:.1f}s, "
+        print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}%"
+              f"{top5_text(row['train_top5'])} | test loss {test_loss:.3f} acc {test_acc:.2f}%{top5_text(test_top5)} | "
+              f"{row['seconds']:.1f}s, "
               f"{row['images_per_s']:.0f} img/s, {run.memory_label} {memory_text(peaks)}", flush=True)
         run.batch_in_epoch = 0
         epoch += 1
         best = None
         if test_acc > run.best_acc:
             run.best_acc, run.best_epoch = test_acc, epoch
-            best = best_model_payload(run, epoch, test_acc)
+            best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
         save_outputs(run, best=best, state=training_state(run, epoch))
         if run.dist.any(run.stop.signal is not None, run.device) and epoch < plan["epochs"]:
@@ -975,8 +861,9 @@ def train_loop(run, data):
 
 def train_one_epoch(run, epoch, skip=0):
     """Train one epoch (from batch `skip` on). Returns False if a stop was requested mid-epoch."""
-    # The whitening bias adapts to the data early, then freezes so it cannot drift.
-    run.model.whiten.bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS
+    # A stem bias (CifarNet's whitening bias) adapts to the data early, then freezes so it cannot drift.
+    for parameter in run.model.parameter_groups()["stem_bias"]:
+        parameter.requires_grad = epoch < STEM_BIAS_EPOCHS
     optimizer, plan, batches = run.optimizer, run.plan, run.train_batches
     steps_per_epoch = len(batches)
     log_every = run.log_every or -(-steps_per_epoch // 4)
@@ -989,8 +876,8 @@ def train_one_epoch(run, epoch, skip=0):
         run.step += 1
         # Running sums stay on the device, built from device values only: no per-step wait for the host.
         loss = loss.detach().float()
-        run.epoch_sums += torch.stack([loss * len(labels), (outputs.argmax(1) == labels).sum().float(),
-                                       loss.new_full((), len(labels))])
+        top1, top5, _ = correct_counts(outputs.detach().float(), labels)
+        run.epoch_sums += torch.stack([loss * len(labels), top1, top5, loss.new_full((), len(labels))])
         run.batch_in_epoch = b + 1
         if bar is not None:
             bar.update(1)
@@ -999,9 +886,10 @@ def train_one_epoch(run, epoch, skip=0):
         at_log_point = (b + 1) % log_every == 0 or b + 1 == steps_per_epoch
         if at_log_point:
             check_finite(run)
-            loss_sum, correct, seen = run.epoch_sums.tolist()
+            loss_sum, correct, top5_correct, seen = run.epoch_sums.tolist()
+            top5 = f" | Top-5: {100 * top5_correct / seen:.2f}%" if outputs.shape[1] >= TOP5_MIN_CLASSES else ""
             line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
-                    f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}% | "
+                    f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}%{top5} | "
                     f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.memory_label}: "
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
@@ -1089,10 +977,10 @@ def divergence_message(run, what):
         kept = (f"best_model.pth (epoch {run.best_epoch}) and last.pth (the last completed epoch) are kept, "
                 f"untouched by the diverged steps.")
     # Each of these destabilises training when raised (the SGD steps grow with the batch: rates are per example).
-    recipe = (("--lr", "lr", MUON_LR), ("--weight-decay", "weight_decay", WEIGHT_DECAY_PER_EXAMPLE),
-              ("--batch-size", "batch_size", BATCH_SIZE))
-    unusual = [f"{flag} {plan[key]:g} (the recipe's: {default:g})" for flag, key, default in recipe
-               if plan["reasons"][key] == f"set by {flag}" and plan[key] > default]
+    defaults = RECIPE_DEFAULTS[plan["recipe"]]
+    unusual = [f"{flag} {plan[key]:g} (the recipe's: {defaults[key]:g})"
+               for flag, key in (("--lr", "lr"), ("--weight-decay", "weight_decay"), ("--batch-size", "batch_size"))
+               if plan["reasons"][key] == f"set by {flag}" and plan[key] > defaults[key]]
     if unusual:
         advice = (f"Set away from the recipe, and the likely cause: {', '.join(unusual)}. Start a new run with "
                   f"values nearer the recipe's.")
@@ -1167,6 +1055,10 @@ def reset_peak_memory(devices):
             torch.cuda.reset_peak_memory_stats(device)
 
 
+def top5_text(accuracy):
+    return f", top-5 {accuracy:.2f}%" if accuracy is not None else ""
+
+
 def memory_text(peaks, digits=2):
     return "/".join(f"{gb:.{digits}f}" for gb in peaks) + "GB" if peaks else "n/a"
 
@@ -1176,9 +1068,10 @@ def memory_text(peaks, digits=2):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
-    """Mean loss and accuracy (%) over the whole set. Under torchrun each rank takes a shard and the
-    sums are added across ranks, so the result is exact and the same on every rank.
+def evaluate(model, images, labels, normalization, tta=0, autocast_dtype=None, dist=None):
+    """Mean loss, accuracy (%) and top-5 accuracy (%, None under TOP5_MIN_CLASSES classes) over the whole set.
+    Under torchrun each rank takes a shard and the sums are added across ranks, so the result is exact and the
+    same on every rank.
 
     Out of memory (a small GPU, test-time augmentation): the evaluation starts over with half the batch.
     """
@@ -1187,7 +1080,8 @@ def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     shard = slice(rank * n // world, (rank + 1) * n // world)
     batch_size = EVAL_BATCH_SIZE
-    while (sums := evaluation_sums(model, images[shard], labels[shard], tta, autocast_dtype, batch_size)) is None:
+    while (sums := evaluation_sums(model, images[shard], labels[shard], normalization, tta, autocast_dtype,
+                                   batch_size)) is None:
         if batch_size == 1:
             raise TrainingFailed("Out of GPU memory while evaluating a single image. Free the GPU (other "
                                  "processes?) and --resume: last.pth and best_model.pth hold the last saved epoch.")
@@ -1197,25 +1091,35 @@ def evaluate(model, images, labels, tta=0, autocast_dtype=None, dist=None):
         print(f"[oom] out of memory while evaluating: retrying with batch size {batch_size}", file=sys.stderr)
     if dist:
         dist.all_reduce_sum(sums)
-    loss_sum, correct = sums.tolist()
-    return loss_sum / n, 100.0 * correct / n
+    loss_sum, correct, top5_correct, reports_top5 = sums.tolist()
+    return loss_sum / n, 100.0 * correct / n, 100.0 * top5_correct / n if reports_top5 else None
 
 
 @torch.no_grad()
-def evaluation_sums(model, images, labels, tta, autocast_dtype, batch_size):
-    """Summed loss and correct predictions; None if the device ran out of memory (its tensors freed by then)."""
-    sums = torch.zeros(2, device=images.device, dtype=torch.float64)
+def evaluation_sums(model, images, labels, normalization, tta, autocast_dtype, batch_size):
+    """Summed loss, top-1 and top-5 correct predictions, and whether top-5 counts; None if the device ran out of
+    memory (its tensors freed by then)."""
+    sums = torch.zeros(4, device=images.device, dtype=torch.float64)
     try:
         for start in range(0, len(images), batch_size):
-            inputs = normalize(images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
+            inputs = normalize(images[start:start + batch_size], normalization)
             targets = labels[start:start + batch_size]
             with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = predict(model, inputs, tta).float()
+                logits = predict(model, inputs.contiguous(memory_format=torch.channels_last), tta).float()
             sums[0] += F.cross_entropy(logits, targets, reduction="sum")
-            sums[1] += (logits.argmax(1) == targets).sum()
+            sums[1:] += torch.stack(correct_counts(logits, targets))
     except torch.OutOfMemoryError:
         return None
     return sums
+
+
+def correct_counts(logits, labels):
+    """Top-1 and top-5 correct predictions, and 1 if top-5 is reported for this many classes (else 0, 0)."""
+    top1 = (logits.argmax(1) == labels).sum().to(logits.dtype)
+    if logits.shape[1] < TOP5_MIN_CLASSES:
+        return top1, top1.new_zeros(()), top1.new_zeros(())
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum().to(logits.dtype)
+    return top1, top5, top1.new_ones(())
 
 
 @torch.no_grad()
@@ -1234,19 +1138,23 @@ def predict(model, inputs, tta):
 
 def finish_run(run, data, tta):
     """Evaluate the best epoch's weights with test-time augmentation and write the final outputs."""
-    _, _, test_images, test_labels = data
     stage(7, f"Evaluating the best epoch ({run.best_epoch}) with test-time augmentation level {tta}")
     run.model.load_state_dict(run.best_state)
     t0 = time.time()
-    _, tta_acc = evaluate(run.model, test_images, test_labels, tta, run.autocast_dtype, run.dist)
-    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA ({time.time() - t0:.1f}s)")
+    _, tta_acc, tta_top5 = evaluate(run.model, data.test_images, data.test_labels, run.normalization, tta,
+                                    run.autocast_dtype, run.dist)
+    top5_text = f" (top-5 {tta_top5:.2f}%)" if tta_top5 is not None else ""
+    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA{top5_text} "
+          f"({time.time() - t0:.1f}s)")
     stage(8, "Saving")
     epochs = run.history["epochs"]
+    best_row = next(r for r in epochs if r["epoch"] == run.best_epoch)
     run.history["final"] = {"best_epoch": run.best_epoch, "test_acc": run.best_acc, "test_acc_tta": tta_acc,
-                            "tta_level": tta, "train_seconds": sum(r["seconds"] for r in epochs),
+                            "test_top5": best_row["test_top5"], "test_top5_tta": tta_top5, "tta_level": tta,
+                            "train_seconds": sum(r["seconds"] for r in epochs),
                             "peak_memory_gb": max((r["peak_memory_gb"] for r in epochs
                                                    if r["peak_memory_gb"] is not None), default=None)}
-    save_outputs(run, best=best_model_payload(run, run.best_epoch, run.best_acc, tta_acc, tta))
+    save_outputs(run, best=best_model_payload(run, run.best_epoch, best_row, tta_acc, tta_top5, tta))
     stage(9, f"Wrote {', '.join(RUN_FILES)} to {run.out_dir}")
     stage(10, f"Done: {tta_acc:.2f}% test accuracy (TTA {tta}), best epoch {run.best_epoch}")
 
@@ -1257,7 +1165,7 @@ def finish_run(run, data, tta):
 # never a torn one.
 
 
-def claim_out_dir(out_dir, resuming, overwrite):
+def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
     """The run's folder, made if needed and locked for this process: --out-dir, the resumed run's, or a new
     numbered folder under runs/. An existing run is never written over unless --resume or --overwrite says so.
     Checked before any data is loaded, so a refusal costs nothing.
@@ -1267,7 +1175,7 @@ def claim_out_dir(out_dir, resuming, overwrite):
     lock, created = None, False
     try:
         if out_dir is None:
-            out_dir, created = new_run_folder(Path(RUNS_DIR)), True
+            out_dir, created = new_run_folder(Path(RUNS_DIR), run_prefix), True
         elif out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"--out-dir {out_dir} is a file, not a folder. Choose another --out-dir.")
         elif not out_dir.exists():
@@ -1301,15 +1209,14 @@ def holds_run(folder):
     return any((folder / name).exists() for name in RUN_FILES)
 
 
-def new_run_folder(runs_dir):
-    """runs/cifar10-NNN, numbered one past the highest so far; mkdir claims it even against a trainer started
-    at the same moment."""
+def new_run_folder(runs_dir, prefix):
+    """runs/<prefix>NNN (e.g. runs/cifar10-001), numbered one past the highest so far; mkdir claims it even
+    against a trainer started at the same moment."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[len(RUN_PREFIX):]) for p in runs_dir.glob(RUN_PREFIX + "*")
-               if p.name[len(RUN_PREFIX):].isdigit()]
+    numbers = [int(p.name[len(prefix):]) for p in runs_dir.glob(prefix + "*") if p.name[len(prefix):].isdigit()]
     number = max(numbers, default=0) + 1
     while True:
-        folder = runs_dir / f"{RUN_PREFIX}{number:03d}"
+        folder = runs_dir / f"{prefix}{number:03d}"
         try:
             folder.mkdir()
             return folder
@@ -1435,6 +1342,9 @@ def plot_curves(history, path):
     axes[0].set_title("Loss (train includes label smoothing)")
     axes[1].plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
     axes[1].plot(epochs, [r["test_acc"] for r in rows], "o-", label="test")
+    if rows[0].get("test_top5") is not None:
+        axes[1].plot(epochs, [r["train_top5"] for r in rows], "o--", color="tab:blue", alpha=0.5, label="train top-5")
+        axes[1].plot(epochs, [r["test_top5"] for r in rows], "o--", color="tab:orange", alpha=0.5, label="test top-5")
     best = max(rows, key=lambda r: r["test_acc"])
     axes[1].annotate(f"best {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
                      textcoords="offset points", xytext=(-60, -20))
@@ -1447,7 +1357,7 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
-    fig.suptitle(f"{history['plan']['model']} on {history['plan']['device']}")
+    fig.suptitle(f"{history['plan']['model']} on {history['dataset']['name']}, {history['plan']['device']}")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -1455,17 +1365,24 @@ def plot_curves(history, path):
     atomic_write(path, buffer.getbuffer())
 
 
-def best_model_payload(run, epoch, test_acc, test_acc_tta=None, tta_level=None):
-    """The user-facing checkpoint: weights plus everything needed to rebuild and use the model."""
+def best_model_payload(run, epoch, row, test_acc_tta=None, test_top5_tta=None, tta_level=None):
+    """The user-facing checkpoint: weights plus everything needed to rebuild and use the model (row: its
+    epoch's line of the history)."""
+    mean, std = run.normalization
     return {
         "state_dict": {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()},
         "model_name": run.plan["model"],
         "model_kwargs": run.plan["model_kwargs"],
-        "class_names": CLASS_NAMES,
-        "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)},
+        "num_classes": len(run.class_names),
+        "class_names": run.class_names,
+        "dataset": run.dataset.title,
+        "image_size": run.image_size,
+        "normalization": {"mean": list(mean), "std": list(std)},
         "epoch": epoch,
-        "test_acc": test_acc,
+        "test_acc": row["test_acc"],
+        "test_top5": row["test_top5"],
         "test_acc_tta": test_acc_tta,
+        "test_top5_tta": test_top5_tta,
         "tta_level": tta_level,
     }
 
@@ -1473,7 +1390,7 @@ def best_model_payload(run, epoch, test_acc, test_acc_tta=None, tta_level=None):
 def load_trained_model(path):
     """Rebuild the model saved in best_model.pth, ready for inference (eval mode, CPU)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["model_name"], **checkpoint["model_kwargs"])
+    model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"], **checkpoint["model_kwargs"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
@@ -1485,10 +1402,11 @@ def load_trained_model(path):
 def training_state(run, epoch):
     """Full state at `epoch` (completed epochs), plus the position inside the next one."""
     return {
-        "kind": "cifar10-trainer-state",
+        "kind": CHECKPOINT_KIND,
         "format": CHECKPOINT_FORMAT,
-        "dataset": "CIFAR-10",
+        "dataset": run.dataset.key,
         "data_dir": str(run.data_dir),
+        "image_size": run.image_size,
         "data_fingerprint": run.data_fingerprint,
         "plan": run.plan,
         "seed": run.seed,
@@ -1566,8 +1484,8 @@ def load_resume_state(path):
     except Exception as e:  # a torn, foreign or non-torch file: all the user needs is which file and why
         raise UserError(f"--resume: {path} could not be read as a checkpoint ({type(e).__name__}). "
                         f"Give the last.pth of a run of this trainer.") from None
-    if not isinstance(state, dict) or state.get("kind") != "cifar10-trainer-state" or state.get("dataset") != "CIFAR-10":
-        raise UserError(f"--resume: {path} is not a training checkpoint of this trainer for CIFAR-10 "
+    if not isinstance(state, dict) or state.get("kind") not in (CHECKPOINT_KIND, "cifar10-trainer-state"):
+        raise UserError(f"--resume: {path} is not a training checkpoint of this trainer "
                         f"(best_model.pth files hold weights only and cannot be resumed). Give a last.pth.")
     version = state.get("format", 1)  # checkpoints carried no format before format 2
     if version != CHECKPOINT_FORMAT:
@@ -1609,7 +1527,8 @@ def check_resume_matches_flags(args, path, state):
              "--lr": (args.lr, plan["lr"]), "--weight-decay": (args.weight_decay, plan["weight_decay"]),
              "--model": (args.model, plan["model"]), "--seed": (args.seed, state["seed"]),
              "--precision": (args.precision, plan["precision"]),
-             "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult"))}
+             "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
+             "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"])}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
             raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
@@ -1627,9 +1546,10 @@ def restore_run(run, state):
     if state["batch_size"] != run.batch_size:  # backed off after running out of memory
         run.batch_size = state["batch_size"]
         batches = run.train_batches
-        run.train_batches = make_train_batches(batches.images, batches.labels, run.batch_size, run.seed, run.dist)
+        run.train_batches = make_train_batches(batches.images, batches.labels, run.normalization, run.batch_size,
+                                               run.seed, run.dist)
     # The saved sums already cover every rank; under torchrun only rank 0 carries them on.
-    run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(3, device=run.device)
+    run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(4, device=run.device)
     run.epoch_seconds = state["epoch_seconds"]
     if torch.device(state["plan"]["device"]).type == run.device.type:
         run.epoch_rng = state["data_rng"]
@@ -1728,7 +1648,7 @@ class Dist:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train a CIFAR-10 classifier with a plan chosen for this machine. "
+        description="Train a CIFAR-10, CIFAR-100 or image-folder classifier with a plan chosen for this machine. "
                     "With no flags it does the whole job; flags override the plan.")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the plan's, per device tier)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -1748,12 +1668,19 @@ def parse_args(argv=None):
                    help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
                         "(default: 2)")
     p.add_argument("--seed", type=int, default=None, help="random seed; fixes a CPU run exactly (default: random)")
+    p.add_argument("--dataset", choices=list(DATASETS), default=None,
+                   help="cifar10 or cifar100 (downloaded into --data-dir if missing), or folder: your own images "
+                        "in DATA_DIR/train/<class>/ and DATA_DIR/test/<class>/ (or val/; without either, 10%% of "
+                        "train/ is held out) (default: folder if DATA_DIR holds train/, else cifar10; a resumed "
+                        "run's own)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"folder holding {CIFAR10_FOLDER}/, downloaded there if missing "
-                        f"(default: {DEFAULT_DATA_DIR}, or the resumed run's)")
+                   help=f"folder holding the dataset (default: {DEFAULT_DATA_DIR}, or the resumed run's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image folders: every image is resized to this many pixels square (default: 32, or the "
+                        "resumed run's); CIFAR images are 32")
     p.add_argument("--out-dir", type=Path, default=None,
                    help=f"folder for the run's outputs; one that already holds a run is refused unless --resume "
-                        f"or --overwrite is given (default: a new folder {RUNS_DIR}/{RUN_PREFIX}NNN, or the folder of "
+                        f"or --overwrite is given (default: a new folder {RUNS_DIR}/<dataset>-NNN, or the folder of "
                         f"--resume PATH)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run from PATH, or from OUT_DIR/last.pth when no PATH is given")
@@ -1801,13 +1728,15 @@ def validate_args(args):
         bad(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}.")
     if args.resume == "" and args.out_dir is None:
         bad("--resume without a PATH continues the run in --out-dir, and no --out-dir was given. Name the run: "
-            f"--resume {RUNS_DIR}/{RUN_PREFIX}NNN/last.pth, or --resume --out-dir {RUNS_DIR}/{RUN_PREFIX}NNN.")
+            f"--resume {RUNS_DIR}/cifar10-001/last.pth, or --resume --out-dir {RUNS_DIR}/cifar10-001.")
     if args.resume is not None and args.overwrite:
         bad("--resume continues a run and --overwrite replaces it: give one of them.")
     if args.width_mult is not None and args.model == "SmallCifarNet":
         bad("--width-mult applies to PowerCifarNet only; SmallCifarNet has fixed widths.")
     if args.log_every is not None and args.log_every < 1:
         bad(f"--log-every must be at least 1, got {args.log_every}.")
+    if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
+        bad(f"--image-size must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels, got {args.image_size}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1834,34 +1763,50 @@ def main(argv=None):
     resume = load_resume(args, hw, dist, threads) if args.resume is not None else None
     plan = resume.plan if resume else plan_for_flags(args, hw, dist, threads)
     print_plan(plan)
+    # The data: as the flags say, or as the resumed run had it.
+    saved = resume.state if resume else {}
+    data_dir = args.data_dir or Path(saved.get("data_dir", DEFAULT_DATA_DIR))
+    dataset = choose_dataset(args.dataset or saved.get("dataset"), data_dir)
+    image_size = args.image_size or saved.get("image_size", 32)
+    print_dataset(dataset, data_dir, image_size)
     if args.dry_run or args.simulate_gpus is not None:
         print("[dry-run] nothing trained, no data touched")
         return 0
-    data_dir = args.data_dir or (Path(resume.state["data_dir"]) if resume else Path(DEFAULT_DATA_DIR))
     out_dir = args.out_dir or (resume.path.parent if resume else None)
-    claimed, lock, created = claim_out_dir(out_dir, resume is not None, args.overwrite) if dist.is_main \
-        else (None, None, False)
+    claimed, lock, created = claim_out_dir(out_dir, resume is not None, args.overwrite, dataset.run_prefix) \
+        if dist.is_main else (None, None, False)
     try:
-        fetch_dataset(data_dir, dist)
+        fetch_dataset(dataset, data_dir, dist.local_rank, DOWNLOAD_WAIT_S)
         dist.init_process_group(plan)
         out_dir = dist.broadcast_object(claimed)
         print(f"[run] outputs go to {out_dir}")
-        return train_and_save(args, hw, plan, resume, dist, out_dir, data_dir)
+        return train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, image_size)
     finally:
         if dist.is_main:
             release_out_dir(claimed, lock, created)
 
 
-def train_and_save(args, hw, plan, resume, dist, out_dir, data_dir):
+def print_dataset(dataset, data_dir, image_size):
+    if dataset.key == "folder":
+        names = class_folders(data_dir / dataset.train_files[0])
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        print(f"[data] image folder {data_dir}: {len(names)} classes ({shown}), images resized to "
+              f"{image_size}x{image_size} where they differ")
+    else:
+        print(f"[data] {dataset.title} in {data_dir / dataset.folder}: {dataset.num_classes} classes, "
+              f"{image_size}x{image_size} images")
+
+
+def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, image_size):
     torch.set_num_threads(plan["threads"])
     if plan["device"] == "cpu":
         keep_freed_memory()
     seed = resume.state["seed"] if resume else (args.seed if args.seed is not None else random.randrange(2**31))
     seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
     torch.manual_seed(seed)
-    stage(3, "Loading CIFAR-10")
-    data, fingerprint = load_data_to_device(data_dir, torch.device(plan["device"]))
-    run = build_run(args, hw, plan, data, fingerprint, seed, dist, out_dir, data_dir)
+    stage(3, f"Loading {dataset.title}")
+    data, fingerprint = load_data_to_device(dataset, data_dir, image_size, torch.device(plan["device"]))
+    run = build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir)
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)
         restore_run(run, resume.state)
@@ -1895,7 +1840,7 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, data_dir):
 def cli():
     try:
         code = main()
-    except UserError as e:
+    except (UserError, DataError) as e:
         code = report_failure(e, EXIT_BAD_INPUT)
     except TrainingFailed as e:
         code = report_failure(e, EXIT_TRAINING_FAILED)

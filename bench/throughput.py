@@ -3,6 +3,7 @@
     python bench/throughput.py                                # SmallCifarNet's widths, fp32, batch 2000
     python bench/throughput.py --widths 64,256,256 --precision bf16
     python bench/throughput.py --widths 32,128,128 32,96,128 48,192,192
+    python bench/throughput.py --models ResNet18 ResNet34 ResNet50 --batch-size 256
 
 Times the training step the trainer runs (forward, label-smoothed loss, backward, Muon step) on random
 images, after warm-up steps, on the CPU with one thread per core. Use it to compare widths and precisions
@@ -18,20 +19,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from models import CifarNet, count_macs  # noqa: E402
+from models import CifarNet, build_model, count_macs  # noqa: E402
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--widths", nargs="+", default=["32,128,128"], help="channel widths of the three groups")
+    p.add_argument("--widths", nargs="+", default=["32,128,128"], help="channel widths of CifarNet's three groups")
+    p.add_argument("--models", nargs="+", default=[], help="networks of models.py by name, instead of --widths")
     p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=6, help="timed steps, after 2 warm-up steps")
     return p.parse_args()
 
 
-def images_per_second(widths, plan, steps):
-    net = CifarNet(widths).to(memory_format=torch.channels_last)
+def images_per_second(net, plan, steps):
+    net = net.to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(net, plan)
     train.set_learning_rates(optimizer, plan, plan["batch_size"], step=0, steps_per_epoch=1)  # the peak rates
     autocast_dtype, scaler = train.make_precision(plan["precision"], torch.device("cpu"))
@@ -47,18 +49,18 @@ def images_per_second(widths, plan, steps):
 
 def main():
     args = parse_args()
-    # The trainer's own plan for this CPU supplies the rates, threads and precision (overridden as given).
-    plan = train.make_plan(train.Hardware((), os.cpu_count() or 1, cpu_bf16=train.cpu_has_bf16()),
-                           batch_size=args.batch_size, precision=args.precision)
+    # The trainer's own plan for this CPU supplies the recipe, rates, threads and precision (overridden as given).
+    hw = train.Hardware((), os.cpu_count() or 1, cpu_bf16=train.cpu_has_bf16())
+    networks = [(name, build_model(name), dict(model=name)) for name in args.models] or \
+        [(f"widths {spec.replace(',', '/')}", CifarNet([int(w) for w in spec.split(",")]), {}) for spec in args.widths]
     train.keep_freed_memory()  # as the trainer does on the CPU
-    torch.set_num_threads(plan["threads"])
-    print(f"{plan['threads']} threads, batch {args.batch_size}, {args.precision}, torch {torch.__version__}")
-    for spec in args.widths:
-        widths = tuple(int(w) for w in spec.split(","))
-        rate, macs = images_per_second(widths, plan, args.steps)
-        print(f"widths {'/'.join(map(str, widths)):>12}: {rate:6.0f} images/s, {macs / 1e6:5.1f}M multiply-adds "
-              f"per image ({rate * macs / 1e9:4.1f} G/s in the forward pass)")
-
+    print(f"batch {args.batch_size}, {args.precision}, torch {torch.__version__}")
+    for label, net, model in networks:
+        plan = train.make_plan(hw, batch_size=args.batch_size, precision=args.precision, **model)
+        torch.set_num_threads(plan["threads"])
+        rate, macs = images_per_second(net, plan, args.steps)
+        print(f"{label:>20}: {rate:6.0f} images/s, {macs / 1e6:6.1f}M multiply-adds per image "
+              f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads")
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,16 @@ def tiny_data(tmp_path_factory):
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished 1-epoch run on the tiny data, for the tests that only read it or refuse to resume it."""
+    out = tmp_path_factory.mktemp("finished")
+    result = run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--tta", 0, "--seed", 0,
+                         "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def trainer_command(*args, ranks=None):
     """train.py as a user starts it: with python, or with torchrun and `ranks` processes."""
     launcher = [sys.executable] if ranks is None else \
@@ -59,6 +69,14 @@ def wait_for_line(process, text, timeout=120):
     raise AssertionError(f"no {text!r} within {timeout}s")
 
 
+def load_test_split(data_dir, dataset="cifar10"):
+    """A CIFAR-format folder's test images and labels and the dataset's normalisation, as evaluate() takes them."""
+    from datasets import DATASETS, load_dataset
+
+    data = load_dataset(DATASETS[dataset], data_dir)
+    return data.test_images, data.test_labels, (data.mean, data.std)
+
+
 def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
     """A real Run on the tiny data, built in this process so a test can reach inside it."""
     import train
@@ -67,6 +85,7 @@ def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
                              "0", "--tta", "0", "--data-dir", str(tiny_data), "--out-dir", str(out_dir), *extra_flags])
     hw, dist = train.Hardware((), 1), train.Dist()
     plan = train.plan_for_flags(args, hw, dist)
-    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device("cpu"))
-    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
+    dataset = train.DATASETS["cifar10"]
+    data, fingerprint = train.load_data_to_device(dataset, args.data_dir, 32, torch.device("cpu"))
+    run = train.build_run(args, hw, plan, dataset, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
     return run, data

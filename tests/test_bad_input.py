@@ -108,22 +108,20 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
     torch.save({"state_dict": {}, "model_name": "SmallCifarNet"}, weights_only)
     assert_refused(run_trainer("--resume", weights_only, "--out-dir", previous_run),
                    "is not a training checkpoint of this trainer", previous_run)
-    other_dataset = tmp_path / "other.pth"
-    torch.save({"kind": "cifar10-trainer-state", "dataset": "CIFAR-100"}, other_dataset)
-    assert_refused(run_trainer("--resume", other_dataset, "--out-dir", previous_run),
+    other_tool = tmp_path / "other.pth"
+    torch.save({"kind": "another-tools-state", "epoch": 3}, other_tool)
+    assert_refused(run_trainer("--resume", other_tool, "--out-dir", previous_run),
                    "is not a training checkpoint of this trainer", previous_run)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     assert_refused(run_trainer("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
 
 
-def test_resume_with_a_different_model_or_precision_is_refused(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    assert run_trainer("--epochs", 1, "--batch-size", 500, "--model", "SmallCifarNet", "--precision", "fp32",
-                       "--tta", 0, "--data-dir", tiny_data, "--out-dir", out).returncode == 0
+def test_resume_with_another_model_precision_dataset_or_image_size_is_refused(finished_run, tiny_data):
+    out = finished_run  # SmallCifarNet, fp32, CIFAR-10, 32x32
     before = (out / "last.pth").read_bytes()
-    result = run_trainer("--resume", "--out-dir", out, "--model", "PowerCifarNet", "--data-dir", tiny_data)
-    assert_refused(result, "is a run with --model SmallCifarNet, but --model PowerCifarNet was given")
-    result = run_trainer("--resume", "--out-dir", out, "--precision", "bf16", "--data-dir", tiny_data)
-    assert_refused(result, "is a run with --precision fp32, but --precision bf16 was given")
+    for flag, saved, given in [("--model", "SmallCifarNet", "PowerCifarNet"), ("--precision", "fp32", "bf16"),
+                               ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24")]:
+        result = run_trainer("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
+        assert_refused(result, f"is a run with {flag} {saved}, but {flag} {given} was given")
     assert (out / "last.pth").read_bytes() == before

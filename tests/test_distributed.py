@@ -5,18 +5,27 @@ import re
 import pytest
 import torch
 
-from conftest import run_trainer, start_trainer
-from train import evaluate, load_cifar10, load_trained_model
+from conftest import load_test_split, run_trainer, start_trainer
+from tiny_cifar import write_tiny_cifar
+from train import evaluate, load_trained_model
 
 # 3 ranks: with 2, every float sum a + b is the same in any order, which would hide a resume that reduces
-# gradients in another order; 4 epochs: past WHITEN_BIAS_EPOCHS, where a parameter stops training.
+# gradients in another order; 4 epochs: past STEM_BIAS_EPOCHS, where a parameter stops training.
 DDP_RUN = ["--model", "SmallCifarNet", "--epochs", 4, "--batch-size", 198, "--seed", 4, "--tta", 1]
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_data, tmp_path_factory):
+def ddp_data(tmp_path_factory):
+    """Smaller than tiny_data: 2 steps of 198 an epoch keep the 3-rank runs short."""
+    data_dir = tmp_path_factory.mktemp("ddp_data")
+    write_tiny_cifar(data_dir, per_batch=80, test_size=100)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    result = run_trainer(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", out, ranks=3)
+    result = run_trainer(*DDP_RUN, "--data-dir", ddp_data, "--out-dir", out, ranks=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result
 
@@ -34,12 +43,12 @@ def test_three_ranks_train_and_write_outputs_once(ddp_run):
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]
 
 
-def test_distributed_accuracy_equals_rank0_only_evaluation(ddp_run, tiny_data):
+def test_distributed_accuracy_equals_rank0_only_evaluation(ddp_run, ddp_data):
     out, _ = ddp_run
     model, checkpoint = load_trained_model(out / "best_model.pth")
-    _, _, test_x, test_y = load_cifar10(tiny_data, download=False)
-    assert evaluate(model, test_x, test_y, tta=0)[1] == pytest.approx(checkpoint["test_acc"])
-    assert evaluate(model, test_x, test_y, tta=1)[1] == pytest.approx(checkpoint["test_acc_tta"])
+    test_split = load_test_split(ddp_data)
+    assert evaluate(model, *test_split, tta=0)[1] == pytest.approx(checkpoint["test_acc"])
+    assert evaluate(model, *test_split, tta=1)[1] == pytest.approx(checkpoint["test_acc_tta"])
 
 
 def running_losses(stdout):
@@ -74,8 +83,8 @@ def test_rank_on_a_gpu_of_the_wrong_model_stops_before_the_group_forms():
         make_plan(Hardware((), 2), batch_size=301, world_size=2, local_world_size=2)
 
 
-def test_sigterm_under_torchrun_saves_and_resume_matches_the_uninterrupted_run(ddp_run, tiny_data, tmp_path):
-    process = start_trainer(*DDP_RUN, "--data-dir", tiny_data, "--out-dir", tmp_path, ranks=3)
+def test_sigterm_under_torchrun_saves_and_resume_matches_the_uninterrupted_run(ddp_run, ddp_data, tmp_path):
+    process = start_trainer(*DDP_RUN, "--data-dir", ddp_data, "--out-dir", tmp_path, ranks=3)
     for line in process.stdout:
         if "[epoch 1/4]" in line:
             break

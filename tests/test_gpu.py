@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import train
-from conftest import ROOT, TINY, run_trainer, start_trainer, wait_for_line
+from conftest import ROOT, TINY, load_test_split, run_trainer, start_trainer, wait_for_line
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: these tests run the trainer on real GPUs (the CPU "
@@ -55,8 +55,9 @@ def build_gpu_run(data_dir, out_dir, batch_size, *extra_flags, gpus):
     dist = train.Dist()
     plan = train.plan_for_flags(args, hw, dist)
     torch.manual_seed(0)
-    data, fingerprint = train.load_data_to_device(args.data_dir, torch.device(plan["device"]))
-    run = train.build_run(args, hw, plan, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
+    dataset = train.DATASETS["cifar10"]
+    data, fingerprint = train.load_data_to_device(dataset, args.data_dir, 32, torch.device(plan["device"]))
+    run = train.build_run(args, hw, plan, dataset, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
     return run, data
 
 
@@ -129,8 +130,7 @@ def test_one_gpu_run_in_reduced_precision_learns_and_saves_a_loadable_model(tiny
     # The GPU-trained weights work on the CPU in fp32: the same accuracy, give or take a few of the 200 images
     # that reduced precision classified differently.
     model, _ = train.load_trained_model(out / "best_model.pth")
-    _, _, test_x, test_y = train.load_cifar10(tiny_data, download=False)
-    assert train.evaluate(model, test_x, test_y)[1] == pytest.approx(checkpoint["test_acc"], abs=5)
+    assert train.evaluate(model, *load_test_split(tiny_data))[1] == pytest.approx(checkpoint["test_acc"], abs=5)
 
 
 def test_fp16_gradient_scaler_skips_an_overflowing_step(tiny_data, tmp_path):
@@ -368,10 +368,11 @@ def test_torchrun_two_nccl_ranks_train_and_a_resumed_run_matches_the_uninterrupt
 # 6. The default run on the real CIFAR-10: its accuracy and time, printed for the record
 
 
-CIFAR_DIR = ROOT / train.DEFAULT_DATA_DIR / train.CIFAR10_FOLDER
+CIFAR10 = train.DATASETS["cifar10"]
+CIFAR_DIR = ROOT / train.DEFAULT_DATA_DIR / CIFAR10.folder
 
 
-@pytest.mark.skipif(not all((CIFAR_DIR / name).is_file() for name in [*train.TRAIN_FILES, train.TEST_FILE]),
+@pytest.mark.skipif(not all((CIFAR_DIR / name).is_file() for name in CIFAR10.train_files + CIFAR10.test_files),
                     reason=f"CIFAR-10 is not in {CIFAR_DIR}")
 def test_default_run_on_cifar10_records_its_accuracy_and_time(tmp_path, capsys):
     out = tmp_path / "run"

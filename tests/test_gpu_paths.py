@@ -103,7 +103,7 @@ def test_newton_schulz_runs_in_bf16_only_where_the_gpu_computes_it(monkeypatch):
 
 def test_optimizer_allocates_momentum_buffers_once(monkeypatch):
     net = SmallCifarNet()
-    optimizer = train.make_optimizer(net, {"weight_decay": 0.0})
+    optimizer = train.make_optimizer(net, {"recipe": "muon", "weight_decay": 0.0})
     allocations, zeros_like = [], torch.zeros_like
     monkeypatch.setattr(torch, "zeros_like", lambda t: allocations.append(t.shape) or zeros_like(t))
     for _ in range(3):
@@ -161,12 +161,12 @@ def test_out_of_memory_inside_the_fp16_scaler_step_retries_with_a_fresh_scaler(t
 
 def test_evaluation_out_of_memory_retries_with_smaller_batches(tiny_data, tmp_path, monkeypatch, capsys):
     run, data = build_tiny_run(tiny_data, tmp_path, 200)
-    _, _, test_x, test_y = data
-    expected = train.evaluate(run.model, test_x, test_y, tta=2)
+    test_split = data.test_images, data.test_labels, run.normalization
+    expected = train.evaluate(run.model, *test_split, tta=2)
     forward = run.model.forward
     monkeypatch.setattr(run.model, "forward", lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("injected"))
                         if len(x) > 50 else forward(x))
-    assert train.evaluate(run.model, test_x, test_y, tta=2) == pytest.approx(expected)
+    assert train.evaluate(run.model, *test_split, tta=2) == pytest.approx(expected)
     assert "retrying with batch size 50" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ and damaged, foreign or mismatched checkpoints get one clear paragraph, and the 
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import zipfile
@@ -43,10 +44,9 @@ def test_runs_without_out_dir_each_get_a_new_numbered_folder(tiny_data, tmp_path
     assert sorted(first_files) == sorted(train.RUN_FILES)  # the lock file went with the trainer
 
 
-def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(tiny_data, tmp_path):
+def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(finished_run, tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", out,
-                       *TINY, *QUICK).returncode == 0
+    shutil.copytree(finished_run, out)
     before = snapshot(out)
     other_model = ["--model", "PowerCifarNet", "--width-mult", "0.25", "--batch-size", 100, *QUICK]
     result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out)
@@ -73,7 +73,7 @@ def test_a_failed_start_leaves_no_empty_folder(tmp_path):
 
 def test_an_out_dir_name_too_long_is_refused(tmp_path):
     with pytest.raises(train.UserError, match=r"\(File name too long\)"):
-        train.claim_out_dir(tmp_path / ("x" * 300), resuming=False, overwrite=False)
+        train.claim_out_dir(tmp_path / ("x" * 300), resuming=False, overwrite=False, run_prefix="cifar10-")
     assert os.listdir(tmp_path) == []
 
 
@@ -191,14 +191,6 @@ def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp
 
 
 # 5. and 6. Resume checks the checkpoint: its data, its integrity, its format.
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished")
-    result = run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", out, *TINY, *QUICK)
-    assert result.returncode == 0, result.stderr
-    return out
-
 
 def test_resume_on_other_data_is_refused(finished_run, tmp_path):
     before = snapshot(finished_run)

@@ -1,12 +1,14 @@
-"""The optimiser: Muon for conv filters, SGD with per-example rates for the rest, linear decay."""
+"""The optimiser: Muon for conv filters, SGD with per-example rates for the rest, linear decay; and the
+ResNets' recipe, SGD with warm-up and cosine decay."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train
-from models import SmallCifarNet
+from models import BasicBlock, ResNet, SmallCifarNet
 
-PLAN = {"lr": train.MUON_LR, "weight_decay": train.WEIGHT_DECAY_PER_EXAMPLE, "batch_size": 64, "epochs": 4}
+PLAN = {"recipe": "muon", "lr": train.MUON_LR, "weight_decay": train.WEIGHT_DECAY_PER_EXAMPLE, "batch_size": 64,
+        "epochs": 4}
 
 
 def test_orthogonalize_brings_every_singular_value_near_one():
@@ -45,11 +47,26 @@ def test_rates_decay_linearly_and_sgd_rates_are_per_example():
         rates[step] = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates[0]["filters"] == pytest.approx(train.MUON_LR)
     assert rates[0]["head"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64)
-    assert rates[15]["norm_biases"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 40))
+    assert rates[15]["norms"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 40))
     # The whitening bias decays over its own few epochs and then stays at zero.
-    assert rates[15]["whiten_bias"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 30))
-    assert rates[40]["whiten_bias"] == 0 and rates[40]["filters"] == 0
+    assert rates[15]["stem_bias"] == pytest.approx(train.BIAS_LR_PER_EXAMPLE * 64 * (1 - 15 / 30))
+    assert rates[40]["stem_bias"] == 0 and rates[40]["filters"] == 0
     # --lr scales every rate together.
     train.set_learning_rates(optimizer, dict(PLAN, lr=train.MUON_LR / 2), batch_size=PLAN["batch_size"], step=0,
                              steps_per_epoch=10)
     assert optimizer.param_groups[2]["lr"] == pytest.approx(train.HEAD_LR_PER_EXAMPLE * 64 / 2)
+
+
+def test_the_sgd_recipe_warms_up_then_follows_a_cosine_to_zero():
+    plan = dict(PLAN, recipe="sgd", lr=0.2, weight_decay=5e-4, epochs=10)
+    model = ResNet(BasicBlock, (1, 1, 1, 1))
+    optimizer = train.make_optimizer(model, plan)
+    assert [g["name"] for g in optimizer.param_groups] == ["all"]
+    assert len(optimizer.param_groups[0]["params"]) == sum(1 for p in model.parameters() if p.requires_grad)
+    rates = []
+    for step in range(100):  # 10 epochs of 10 steps: 10 warm-up steps
+        train.set_learning_rates(optimizer, plan, batch_size=64, step=step, steps_per_epoch=10)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(0.02) and rates[9] == pytest.approx(0.2)  # linear warm-up to the peak
+    assert rates[10] == pytest.approx(0.2) and rates[55] == pytest.approx(0.1)  # the cosine's middle: half
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[99] < 0.001

@@ -22,7 +22,8 @@ def test_mixed_a6000_and_two_3090s_uses_the_3090s_with_master_cuda1():
     assert plan["parallel"] == "DataParallel"
     assert plan["ignored_gpus"] == ["GPU 0 NVIDIA RTX A6000"]
     assert plan["model"] == "PowerCifarNet" and plan["model_kwargs"] == {"width_mult": 1.5}
-    assert "CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2" in torchrun_command(2, plan["device_ids"])
+    hint = torchrun_command(2, plan["device_ids"])
+    assert "CUDA_VISIBLE_DEVICES=1,2 torchrun --standalone --nproc_per_node=2" in hint
 
 
 def test_single_24gb_gpu_gets_the_full_size_network_not_the_smallest():
@@ -148,3 +149,10 @@ def test_cpu_bf16_probe_missing_from_torch_means_the_fp32_plan(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert cpu_has_bf16() is False
+
+
+def test_resnets_get_the_sgd_recipe_and_cifarnets_airbench():
+    resnet = make_plan(gpus(RTX3090), model="ResNet50")
+    assert (resnet["recipe"], resnet["batch_size"], resnet["lr"], resnet["weight_decay"]) == ("sgd", 512, 0.2, 5e-4)
+    assert "Nesterov SGD" in resnet["reasons"]["recipe"]
+    assert make_plan(gpus(RTX3090))["recipe"] == "muon"

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, run_trainer
+from conftest import TINY, load_test_split, run_trainer
 from models import MODELS
-from train import cpu_has_bf16, evaluate, load_cifar10, load_trained_model
+from train import cpu_has_bf16, evaluate, load_trained_model
 
 
 
@@ -48,9 +48,9 @@ def test_best_model_reloads_and_reproduces_its_recorded_accuracy(two_epoch_run, 
     assert checkpoint["model_name"] in MODELS
     assert checkpoint["class_names"][0] == "airplane" and len(checkpoint["normalization"]["mean"]) == 3
     model, checkpoint = load_trained_model(out / "best_model.pth")
-    _, _, test_x, test_y = load_cifar10(tiny_data, download=False)
-    assert evaluate(model, test_x, test_y, tta=0)[1] == pytest.approx(checkpoint["test_acc"])
-    assert evaluate(model, test_x, test_y, tta=checkpoint["tta_level"])[1] == pytest.approx(checkpoint["test_acc_tta"])
+    test_split = load_test_split(tiny_data)
+    assert evaluate(model, *test_split, tta=0)[1] == pytest.approx(checkpoint["test_acc"])
+    assert evaluate(model, *test_split, tta=checkpoint["tta_level"])[1] == pytest.approx(checkpoint["test_acc_tta"])
     history = json.loads((out / "training_history.json").read_text())
     assert history["final"]["test_acc_tta"] == pytest.approx(checkpoint["test_acc_tta"])
     best_row = max(history["epochs"], key=lambda r: r["test_acc"])
