@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -31,6 +32,7 @@ BAD_FILES_LIMIT = 0.01  # unreadable images a split may have (a share of its fil
 HOLDOUT_FRACTION = 0.1  # of each class of train/, held out for testing when an image folder has no test split
 HOLDOUT_SEED = 0  # fixed, not the run's seed: every run of a folder tests on the same images
 CACHE_FORMAT = 1  # part of the cache key: raised when decoding or the hold-out changes, so old caches are not used
+CIFAR_IMAGE_SIZE = 32  # CIFAR's images, and image folders' default size
 SHOWN_FILES = 5  # unreadable files named one by one; the rest are counted
 POOL_MIN_FILES = 2000  # fewer images decode in about a second: not worth starting a process per core
 
@@ -154,15 +156,19 @@ def fetch_dataset(dataset, data_dir, local_rank, wait_s):
         time.sleep(1)
 
 
-def load_dataset(dataset, data_dir, image_size=32):
+def load_dataset(dataset, data_dir, image_size=CIFAR_IMAGE_SIZE):
     """Read the dataset from data_dir (never downloads) and return it as LoadedData."""
     data_dir = Path(data_dir)
     if dataset.key == "folder":
         return load_image_folder(dataset, data_dir, image_size)
-    if image_size != 32:
+    check_image_size(dataset, image_size)
+    return load_cifar(dataset, data_dir)
+
+
+def check_image_size(dataset, image_size):
+    if dataset.key != "folder" and image_size != CIFAR_IMAGE_SIZE:
         raise DataError(f"--image-size {image_size}: {dataset.title} images are 32x32 and are used as they are; "
                         f"--image-size applies to image folders only. Drop --image-size.")
-    return load_cifar(dataset, data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +360,11 @@ def check_image_folder(dataset, data_dir):
 
 def class_folders(split_dir):
     """The split's class names: its sub-folders, sorted (hidden ones, such as .ipynb_checkpoints, ignored)."""
-    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"{split_dir} cannot be read ({e.strerror or e}). Check that the folder exists and can be "
+                        f"read, or point --data-dir elsewhere.") from None
     if not names:
         raise DataError(f"{split_dir} holds no class folders. Put each class's images in a folder of its own, "
                         f"named after the class: {split_dir}/<class>/<images>.")
@@ -407,7 +417,8 @@ def decode_images(paths, image_size):
     if workers == 1 or len(paths) < POOL_MIN_FILES:
         yield from map(decode, paths)
         return
-    with multiprocessing.Pool(workers) as pool:
+    # The workers ignore Ctrl-C: the trainer stops them, rather than each printing its own traceback.
+    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         yield from pool.imap(decode, paths, chunksize=256)
 
 
@@ -519,6 +530,9 @@ def load_image_folder(dataset, data_dir, image_size):
     train_split = dataset.train_files[0]
     test_split = next((name for name in dataset.test_files if (data_dir / name).is_dir()), None)
     class_names = class_folders(data_dir / train_split)
+    if len(class_names) < 2:
+        raise DataError(f"{data_dir / train_split} holds one class folder ({class_names[0]}): a classifier needs two "
+                        f"classes or more. Put each class's images in a folder of its own there.")
     train_files, test_files = list_images(data_dir, train_split, class_names), []
     if test_split:
         unknown = [name for name in class_folders(data_dir / test_split) if name not in class_names]

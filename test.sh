@@ -14,7 +14,7 @@ print(sys.version.split()[0])
 PY
 
 echo "== Dependencies"
-if ! "$PYTHON" -c "import torch, numpy, matplotlib, tqdm, pytest" 2>/dev/null; then
+if ! "$PYTHON" -c "import torch, numpy, matplotlib, tqdm, PIL, pytest" 2>/dev/null; then
     echo "missing packages: installing requirements.txt"
     "$PYTHON" -m pip install -r requirements.txt
 fi

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets import DATASETS, DataError, Dataset, choose_dataset, class_folders, fetch_dataset, load_dataset
+from datasets import (CIFAR_IMAGE_SIZE, DATASETS, DataError, Dataset, check_image_size, choose_dataset, class_folders,
+                      fetch_dataset, load_dataset)
 from models import MODELS, PowerCifarNet, build_model, count_macs, count_parameters
 
 try:  # absent on Windows, where runs are still never overwritten but their folder is not locked
@@ -54,7 +55,9 @@ except ImportError:
 # Everything about each dataset (where it comes from, its files, labels, classes, normalisation) is one entry
 # of datasets.DATASETS.
 TOP5_MIN_CLASSES = 20  # top-5 accuracy is reported for datasets with this many classes or more
-IMAGE_SIZES = (16, 256)  # what --image-size accepts: CifarNet's three poolings need 16; 256 keeps the data in memory
+# What --image-size accepts: CifarNet's three poolings need 16; memory grows with the square of the side
+# (the whitening statistics of 128-pixel images alone take 8 GB), so 64 at most until the plan scales the batch.
+IMAGE_SIZES = (16, 64)
 
 # Optimiser (airbench94_muon). Conv filters: Muon, momentum whose update is orthogonalised, so every
 # direction of a filter bank moves at the same rate; its step does not depend on the batch size.
@@ -441,9 +444,6 @@ def print_plan(plan):
     kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
     print(f"[plan] model: {plan['model']}({kwargs}) ({r['model']})")
     print(f"[plan] recipe: {plan['recipe']} ({r['recipe']})")
-    model = build_model(plan["model"], **plan["model_kwargs"])
-    print(f"[model] {plan['model']}({kwargs}), {count_parameters(model):,} parameters, "
-          f"{count_macs(model) / 1e6:.0f}M multiply-adds per image")
     print(f"[plan] batch size: {plan['batch_size']} ({r['batch_size']})")
     print(f"[plan] learning rate: {plan['lr']:.4g} ({r['lr']})")
     print(f"[plan] weight decay: {plan['weight_decay']:.4g} ({r['weight_decay']})")
@@ -561,8 +561,8 @@ class TrainBatches:
 def make_train_batches(train_images, train_labels, normalization, batch_size, seed, dist):
     batches = TrainBatches(train_images, train_labels, normalization, batch_size, seed, dist.rank, dist.world_size)
     if len(batches) == 0:
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(train_images)} training images. "
-                        f"Choose a smaller --batch-size.")
+        raise UserError(f"The batch size, {batch_size}, is larger than the {len(train_images)} training images. "
+                        f"Give a smaller one, e.g. --batch-size {max(1, len(train_images) // 4)}.")
     return batches
 
 
@@ -574,7 +574,9 @@ def prepare_model(plan, data, device):
     """The plan's network for the data's classes, initialised from the data, on the training device."""
     model = build_model(plan["model"], num_classes=len(data.class_names), **plan["model_kwargs"])
     if model.DATA_INIT_IMAGES:  # e.g. CifarNet's whitening stem, set from the statistics of training images
-        model.init_from_data(normalize(data.train_images[:model.DATA_INIT_IMAGES].cpu(), (data.mean, data.std)))
+        # Evenly spaced over the training set: an image folder's images come sorted by class.
+        sample = data.train_images[::max(1, len(data.train_images) // model.DATA_INIT_IMAGES)]
+        model.init_from_data(normalize(sample[:model.DATA_INIT_IMAGES].cpu(), (data.mean, data.std)))
     # channels_last: measured 1.25x faster on the CPU; the layout tensor cores want on a GPU.
     return model.to(device, memory_format=torch.channels_last)
 
@@ -921,7 +923,8 @@ def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist
 
 
 def back_off_batch_size(run, epoch_start):
-    """Out of GPU memory: halve the batch and retry the epoch (the SGD rates, per example, follow the batch)."""
+    """Out of GPU memory: halve the batch and retry the epoch (in the Muon recipe the SGD rates, per example,
+    follow the batch)."""
     old_batch, new_batch = run.batch_size, run.batch_size // 2
     if new_batch < MIN_BATCH_SIZE:
         raise TrainingFailed(f"Out of GPU memory even at batch size {old_batch}, below which training would be too "
@@ -976,10 +979,12 @@ def divergence_message(run, what):
     else:
         kept = (f"best_model.pth (epoch {run.best_epoch}) and last.pth (the last completed epoch) are kept, "
                 f"untouched by the diverged steps.")
-    # Each of these destabilises training when raised (the SGD steps grow with the batch: rates are per example).
+    # Each of these destabilises training when raised (in the Muon recipe the SGD steps grow with the batch too:
+    # its rates are per example).
     defaults = RECIPE_DEFAULTS[plan["recipe"]]
-    unusual = [f"{flag} {plan[key]:g} (the recipe's: {defaults[key]:g})"
-               for flag, key in (("--lr", "lr"), ("--weight-decay", "weight_decay"), ("--batch-size", "batch_size"))
+    checked = [("--lr", "lr"), ("--weight-decay", "weight_decay")] + \
+        ([("--batch-size", "batch_size")] if plan["recipe"] == "muon" else [])
+    unusual = [f"{flag} {plan[key]:g} (the recipe's: {defaults[key]:g})" for flag, key in checked
                if plan["reasons"][key] == f"set by {flag}" and plan[key] > defaults[key]]
     if unusual:
         advice = (f"Set away from the recipe, and the likely cause: {', '.join(unusual)}. Start a new run with "
@@ -1097,8 +1102,8 @@ def evaluate(model, images, labels, normalization, tta=0, autocast_dtype=None, d
 
 @torch.no_grad()
 def evaluation_sums(model, images, labels, normalization, tta, autocast_dtype, batch_size):
-    """Summed loss, top-1 and top-5 correct predictions, and whether top-5 counts; None if the device ran out of
-    memory (its tensors freed by then)."""
+    """Summed loss, top-1 and top-5 correct predictions, and a count that is 0 where top-5 is not reported;
+    None if the device ran out of memory (its tensors freed by then)."""
     sums = torch.zeros(4, device=images.device, dtype=torch.float64)
     try:
         for start in range(0, len(images), batch_size):
@@ -1143,8 +1148,7 @@ def finish_run(run, data, tta):
     t0 = time.time()
     _, tta_acc, tta_top5 = evaluate(run.model, data.test_images, data.test_labels, run.normalization, tta,
                                     run.autocast_dtype, run.dist)
-    top5_text = f" (top-5 {tta_top5:.2f}%)" if tta_top5 is not None else ""
-    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA{top5_text} "
+    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA{top5_text(tta_top5)} "
           f"({time.time() - t0:.1f}s)")
     stage(8, "Saving")
     epochs = run.history["epochs"]
@@ -1731,8 +1735,8 @@ def validate_args(args):
             f"--resume {RUNS_DIR}/cifar10-001/last.pth, or --resume --out-dir {RUNS_DIR}/cifar10-001.")
     if args.resume is not None and args.overwrite:
         bad("--resume continues a run and --overwrite replaces it: give one of them.")
-    if args.width_mult is not None and args.model == "SmallCifarNet":
-        bad("--width-mult applies to PowerCifarNet only; SmallCifarNet has fixed widths.")
+    if args.width_mult is not None and args.model not in (None, "PowerCifarNet"):
+        bad(f"--width-mult applies to PowerCifarNet only; {args.model} has fixed widths.")
     if args.log_every is not None and args.log_every < 1:
         bad(f"--log-every must be at least 1, got {args.log_every}.")
     if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
@@ -1767,8 +1771,8 @@ def main(argv=None):
     saved = resume.state if resume else {}
     data_dir = args.data_dir or Path(saved.get("data_dir", DEFAULT_DATA_DIR))
     dataset = choose_dataset(args.dataset or saved.get("dataset"), data_dir)
-    image_size = args.image_size or saved.get("image_size", 32)
-    print_dataset(dataset, data_dir, image_size)
+    image_size = args.image_size or saved.get("image_size", CIFAR_IMAGE_SIZE)
+    print_data_and_model(plan, dataset, data_dir, image_size)
     if args.dry_run or args.simulate_gpus is not None:
         print("[dry-run] nothing trained, no data touched")
         return 0
@@ -1786,15 +1790,23 @@ def main(argv=None):
             release_out_dir(claimed, lock, created)
 
 
-def print_dataset(dataset, data_dir, image_size):
+def print_data_and_model(plan, dataset, data_dir, image_size):
+    """What --dry-run and a run's first lines say of the data, and the size of the plan's network for it."""
+    check_image_size(dataset, image_size)
     if dataset.key == "folder":
         names = class_folders(data_dir / dataset.train_files[0])
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        print(f"[data] image folder {data_dir}: {len(names)} classes ({shown}), images resized to "
+        num_classes = len(names)
+        print(f"[data] image folder {data_dir}: {num_classes} classes ({shown}), images resized to "
               f"{image_size}x{image_size} where they differ")
     else:
-        print(f"[data] {dataset.title} in {data_dir / dataset.folder}: {dataset.num_classes} classes, "
+        num_classes = dataset.num_classes
+        print(f"[data] {dataset.title} in {data_dir / dataset.folder}: {num_classes} classes, "
               f"{image_size}x{image_size} images")
+    model = build_model(plan["model"], num_classes=num_classes, **plan["model_kwargs"])
+    kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
+    print(f"[model] {plan['model']}({kwargs}), {count_parameters(model):,} parameters, "
+          f"{count_macs(model, image_size) / 1e6:.0f}M multiply-adds per image")
 
 
 def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, image_size):

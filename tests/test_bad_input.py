@@ -74,6 +74,8 @@ FLAG_CASES = {
     "width too small for a channel": (["--width-mult", "0.005"], "--width-mult 0.005 leaves a layer of PowerCifarNet"),
     "seed of 2**64": (["--seed", str(2**64)], "--seed must be between 0 and 4294967295"),
     "resume and overwrite": (["--resume", "--overwrite"], "give one of them"),
+    "width of a ResNet": (["--model", "ResNet18", "--width-mult", "2"], "ResNet18 has fixed widths"),
+    "image size of CIFAR": (["--image-size", "48"], "--image-size applies to image folders only"),
     "unknown flag": (["--epochz", "3"], "unrecognized arguments: --epochz"),
     "bad flag value": (["--epochs", "ten"], "invalid int value: 'ten'"),
 }

@@ -241,9 +241,9 @@ def test_decoding_over_a_process_pool_gives_the_same_data(tmp_path, monkeypatch,
 
     pool_sizes = []
 
-    def counting_pool(processes):
+    def counting_pool(processes, **kwargs):
         pool_sizes.append(processes)
-        return Pool(processes)
+        return Pool(processes, **kwargs)
 
     monkeypatch.setattr(datasets, "POOL_MIN_FILES", 0)
     monkeypatch.setattr(datasets.os, "cpu_count", lambda: 2)
@@ -371,6 +371,9 @@ def test_train_without_class_folders(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "loose.png").write_bytes(b"images must be inside class folders")
     with pytest.raises(DataError, match=f"{tmp_path}/train holds no class folders"):
+        load(tmp_path)
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match="holds one class folder \\(cat\\): a classifier needs two classes"):
         load(tmp_path)
 
 
