@@ -836,7 +836,7 @@ def train_loop(run, data):
                                                   0, run.autocast_dtype, run.dist)
         peaks = peak_memory_gb(run.memory_devices)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
-               "train_top5": 100 * top5_correct / seen if test_top5 is not None else None,
+               "train_top5": 100 * top5_correct / seen if reports_top5(len(run.class_names)) else None,
                "test_loss": test_loss, "test_acc": test_acc, "test_top5": test_top5,
                "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
@@ -889,7 +889,7 @@ def train_one_epoch(run, epoch, skip=0):
         if at_log_point:
             check_finite(run)
             loss_sum, correct, top5_correct, seen = run.epoch_sums.tolist()
-            top5 = f" | Top-5: {100 * top5_correct / seen:.2f}%" if outputs.shape[1] >= TOP5_MIN_CLASSES else ""
+            top5 = f" | Top-5: {100 * top5_correct / seen:.2f}%" if reports_top5(outputs.shape[1]) else ""
             line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
                     f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}%{top5} | "
                     f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.memory_label}: "
@@ -1118,10 +1118,14 @@ def evaluation_sums(model, images, labels, normalization, tta, autocast_dtype, b
     return sums
 
 
+def reports_top5(num_classes):
+    return num_classes >= TOP5_MIN_CLASSES
+
+
 def correct_counts(logits, labels):
     """Top-1 and top-5 correct predictions, and 1 if top-5 is reported for this many classes (else 0, 0)."""
     top1 = (logits.argmax(1) == labels).sum().to(logits.dtype)
-    if logits.shape[1] < TOP5_MIN_CLASSES:
+    if not reports_top5(logits.shape[1]):
         return top1, top1.new_zeros(()), top1.new_zeros(())
     top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum().to(logits.dtype)
     return top1, top5, top1.new_ones(())
@@ -1772,6 +1776,7 @@ def main(argv=None):
     data_dir = args.data_dir or Path(saved.get("data_dir", DEFAULT_DATA_DIR))
     dataset = choose_dataset(args.dataset or saved.get("dataset"), data_dir)
     image_size = args.image_size or saved.get("image_size", CIFAR_IMAGE_SIZE)
+    check_image_size(dataset, image_size)
     print_data_and_model(plan, dataset, data_dir, image_size)
     if args.dry_run or args.simulate_gpus is not None:
         print("[dry-run] nothing trained, no data touched")
@@ -1792,7 +1797,6 @@ def main(argv=None):
 
 def print_data_and_model(plan, dataset, data_dir, image_size):
     """What --dry-run and a run's first lines say of the data, and the size of the plan's network for it."""
-    check_image_size(dataset, image_size)
     if dataset.key == "folder":
         names = class_folders(data_dir / dataset.train_files[0])
         shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,10 @@ def finished_run(tiny_data, tmp_path_factory):
                          "--precision", "fp32")
     assert result.returncode == 0, result.stderr
     return out
+
+
+def history_of(out):
+    return json.loads((out / "training_history.json").read_text())
 
 
 def trainer_command(*args, ranks=None):

@@ -1,18 +1,14 @@
 """The trainer on CIFAR-100, on an image folder and with the standard ResNets: real runs on tiny data."""
-import json
 import signal
 
 import pytest
 import torch
 
-from conftest import TINY, run_trainer, start_trainer, wait_for_line
+from conftest import TINY, history_of, run_trainer, start_trainer, wait_for_line
 from test_bad_input import assert_refused
+from test_datasets import rewrite
 from tiny_cifar import write_image_split, write_tiny_cifar, write_tiny_cifar100
 from train import load_trained_model
-
-
-def history_of(out):
-    return json.loads((out / "training_history.json").read_text())
 
 
 def test_cifar100_trains_and_reports_top5_everywhere(tmp_path):
@@ -92,14 +88,7 @@ def test_resnets_train_and_their_best_model_predicts(model_name, tmp_path):
 
 
 def break_fine_labels(root):
-    import pickle
-
-    path = write_tiny_cifar100(root, train_size=50, test_size=20) / "train"
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    del batch["fine_labels"]
-    with open(path, "wb") as f:
-        pickle.dump(batch, f, protocol=2)
+    rewrite(write_tiny_cifar100(root, train_size=50, test_size=20) / "train", lambda batch: batch.pop("fine_labels"))
     return ["--dataset", "cifar100"]
 
 

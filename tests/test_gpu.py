@@ -9,7 +9,6 @@ prints its accuracy and time, so the first run on a GPU machine records them:
     python -m pytest -q tests/test_gpu.py -rs
 """
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 import train
-from conftest import ROOT, TINY, load_test_split, run_trainer, start_trainer, wait_for_line
+from conftest import ROOT, TINY, history_of, load_test_split, run_trainer, start_trainer, wait_for_line
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: these tests run the trainer on real GPUs (the CPU "
@@ -79,10 +78,6 @@ def one_gpu_env():
     """The environment for a subprocess that sees only the first GPU this process sees (no DataParallel)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {"CUDA_VISIBLE_DEVICES": visible.split(",")[0].strip() if visible else "0"}
-
-
-def history_of(out):
-    return json.loads((out / "training_history.json").read_text())
 
 
 def last_state(out):
