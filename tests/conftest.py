@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -55,6 +57,26 @@ def run_trainer(*args, ranks=None, timeout=300, cwd=ROOT, env=None):
     """Run the trainer to its end, with `env` added to the environment; returns the CompletedProcess."""
     return subprocess.run(trainer_command(*args, ranks=ranks), capture_output=True, text=True, timeout=timeout,
                           env=trainer_env(env, ranks), cwd=cwd)
+
+
+def run_cli(*args):
+    """train.py's cli() in this process, as run_trainer returns it (exit code, stdout, stderr), for runs that stop
+    before training: a refusal or a dry run. A trainer subprocess costs ~3 s of imports; this costs nothing.
+    An uncaught exception propagates and fails the test, which is stricter than looking for "Traceback"."""
+    import train
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv = ["train.py", *map(str, args)]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        old_argv, sys.argv = sys.argv, argv
+        try:
+            train.cli()
+            code = None  # cli() always exits; reaching here is a failure the assertions will show
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            sys.argv = old_argv
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def start_trainer(*args, ranks=None, cwd=ROOT, env=None):

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import run_trainer
+from conftest import run_cli, run_trainer
 from tiny_cifar import write_tiny_cifar
 
 
@@ -84,23 +84,23 @@ FLAG_CASES = {
 @pytest.mark.parametrize("case", FLAG_CASES)
 def test_bad_flags(case, previous_run):
     args, message = FLAG_CASES[case]
-    assert_refused(run_trainer(*args, "--out-dir", previous_run), message, previous_run)
+    assert_refused(run_cli(*args, "--out-dir", previous_run), message, previous_run)
 
 
 def test_out_dir_that_is_a_file(tmp_path, tiny_data):
     target = tmp_path / "a_file"
     target.write_text("keep me")
-    assert_refused(run_trainer("--data-dir", tiny_data, "--out-dir", target), "is a file, not a folder")
+    assert_refused(run_cli("--data-dir", tiny_data, "--out-dir", target), "is a file, not a folder")
     assert target.read_text() == "keep me"
 
 
 def test_resume_of_missing_checkpoint(tmp_path, previous_run):
-    result = run_trainer("--resume", tmp_path / "nope" / "last.pth", "--out-dir", previous_run)
+    result = run_cli("--resume", tmp_path / "nope" / "last.pth", "--out-dir", previous_run)
     assert_refused(result, "no checkpoint at", previous_run)
 
 
 def test_resume_of_run_folder_without_last_checkpoint(previous_run):
-    assert_refused(run_trainer("--resume", "--out-dir", previous_run), "no checkpoint at", previous_run)
+    assert_refused(run_cli("--resume", "--out-dir", previous_run), "no checkpoint at", previous_run)
 
 
 def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
@@ -108,15 +108,15 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
 
     weights_only = tmp_path / "best_model.pth"
     torch.save({"state_dict": {}, "model_name": "SmallCifarNet"}, weights_only)
-    assert_refused(run_trainer("--resume", weights_only, "--out-dir", previous_run),
+    assert_refused(run_cli("--resume", weights_only, "--out-dir", previous_run),
                    "is not a training checkpoint of this trainer", previous_run)
     other_tool = tmp_path / "other.pth"
     torch.save({"kind": "another-tools-state", "epoch": 3}, other_tool)
-    assert_refused(run_trainer("--resume", other_tool, "--out-dir", previous_run),
+    assert_refused(run_cli("--resume", other_tool, "--out-dir", previous_run),
                    "is not a training checkpoint of this trainer", previous_run)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
-    assert_refused(run_trainer("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
+    assert_refused(run_cli("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
 
 
 def test_resume_with_another_model_precision_dataset_or_image_size_is_refused(finished_run, tiny_data):
@@ -124,6 +124,6 @@ def test_resume_with_another_model_precision_dataset_or_image_size_is_refused(fi
     before = (out / "last.pth").read_bytes()
     for flag, saved, given in [("--model", "SmallCifarNet", "PowerCifarNet"), ("--precision", "fp32", "bf16"),
                                ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24")]:
-        result = run_trainer("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
+        result = run_cli("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
         assert_refused(result, f"is a run with {flag} {saved}, but {flag} {given} was given")
     assert (out / "last.pth").read_bytes() == before

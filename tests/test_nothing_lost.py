@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import TINY, build_tiny_run, run_trainer, start_trainer, wait_for_line
+from conftest import TINY, build_tiny_run, run_cli, run_trainer, start_trainer, wait_for_line
 from test_bad_input import assert_refused
 from tiny_cifar import write_tiny_cifar
 
@@ -61,12 +61,13 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(finished_run, tiny_d
     assert torch.load(out / "last.pth", weights_only=True)["plan"]["model"] == "PowerCifarNet"
 
 
-def test_a_failed_start_leaves_no_empty_folder(tmp_path):
+def test_a_failed_start_leaves_no_empty_folder(tmp_path, monkeypatch):
     result = run_trainer("--data-dir", tmp_path / "nothing_here", "--out-dir", tmp_path / "new", cwd=tmp_path,
                          env={"CIFAR10_URL": (tmp_path / "offline.tar.gz").as_uri()})
     assert_refused(result, "downloading it from")
     assert not (tmp_path / "new").exists()
-    result = run_trainer("--seed", 2**64, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("--seed", 2**64)
     assert_refused(result, "--seed must be between 0 and")
     assert not (tmp_path / "runs").exists()
 
@@ -178,16 +179,15 @@ def test_disk_filling_up_mid_run_exits_2_keeping_what_was_written(tiny_data, sma
 # 4. Two trainers on one folder: the second stops at once, naming the first.
 
 def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp_path):
-    first = start_trainer("--epochs", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
+    first = start_trainer("--epochs", 2, "--data-dir", tiny_data, "--out-dir", tmp_path,
                           *TINY, *QUICK)
     wait_for_line(first, "--- [6/10]")
-    second = run_trainer("--epochs", 3, "--data-dir", tiny_data, "--out-dir", tmp_path,
-                         *TINY, *QUICK, "--overwrite")
+    second = run_cli("--epochs", 2, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, *QUICK, "--overwrite")
     assert_refused(second, f"Another trainer (PID {first.pid}) is using {tmp_path}")
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
     assert sorted(os.listdir(tmp_path)) == sorted(train.RUN_FILES)
-    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 3
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
 
 
 # 5. and 6. Resume checks the checkpoint: its data, its integrity, its format.
@@ -195,11 +195,11 @@ def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp
 def test_resume_on_other_data_is_refused(finished_run, tmp_path):
     before = snapshot(finished_run)
     larger = write_tiny_cifar(tmp_path / "larger", per_batch=400).parent
-    result = run_trainer("--resume", "--out-dir", finished_run, "--data-dir", larger)
+    result = run_cli("--resume", "--out-dir", finished_run, "--data-dir", larger)
     assert_refused(result, "was trained on other data (1000 training and 200 test images")
     assert "(2000 and 200" in result.stderr
     same_size = write_tiny_cifar(tmp_path / "same_size", seed=1).parent  # same counts, other pixels
-    assert_refused(run_trainer("--resume", "--out-dir", finished_run, "--data-dir", same_size),
+    assert_refused(run_cli("--resume", "--out-dir", finished_run, "--data-dir", same_size),
                    "was trained on other data")
     assert snapshot(finished_run) == before
 
@@ -219,14 +219,14 @@ def test_resume_of_a_damaged_checkpoint_is_refused(finished_run, tmp_path):
     damaged.write_bytes((finished_run / "last.pth").read_bytes())
     flip_a_byte_of_the_weights(damaged)
     torch.load(damaged, weights_only=True)  # torch itself does not notice
-    assert_refused(run_trainer("--resume", damaged), "is damaged")
+    assert_refused(run_cli("--resume", damaged), "is damaged")
 
 
 def test_resume_of_a_checkpoint_of_an_earlier_version_is_refused(finished_run, tmp_path):
     state = torch.load(finished_run / "last.pth", weights_only=True)
     del state["format"]  # what the trainer wrote before checkpoints carried a format version
     torch.save(state, tmp_path / "last.pth")
-    assert_refused(run_trainer("--resume", tmp_path / "last.pth"),
+    assert_refused(run_cli("--resume", tmp_path / "last.pth"),
                    "was written by an earlier version of this trainer (checkpoint format 1")
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, load_test_split, run_trainer
+from conftest import TINY, load_test_split, run_cli, run_trainer
 from models import MODELS
 from train import cpu_has_bf16, evaluate, load_trained_model
 
@@ -58,7 +58,7 @@ def test_best_model_reloads_and_reproduces_its_recorded_accuracy(two_epoch_run, 
 
 
 def test_dry_run_touches_no_data(tmp_path):
-    result = run_trainer("--dry-run", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "out")
+    result = run_cli("--dry-run", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "out")
     assert result.returncode == 0
     expected = "PowerCifarNet(width_mult=1.0)" if cpu_has_bf16() else "SmallCifarNet()"  # this CPU's tier
     assert f"[plan] model: {expected}" in result.stdout
@@ -66,7 +66,7 @@ def test_dry_run_touches_no_data(tmp_path):
 
 
 def test_simulated_gpus_print_the_plan_for_that_machine(tmp_path):
-    result = run_trainer("--simulate-gpus", "NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24,NVIDIA GeForce RTX 3090:24")
+    result = run_cli("--simulate-gpus", "NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24,NVIDIA GeForce RTX 3090:24")
     assert result.returncode == 0, result.stderr
     assert "[gpu] using NVIDIA GeForce RTX 3090 x2 (ignored: GPU 0 NVIDIA RTX A6000)" in result.stdout
     assert "[plan] device: cuda:1" in result.stdout
@@ -74,7 +74,7 @@ def test_simulated_gpus_print_the_plan_for_that_machine(tmp_path):
 
 
 def test_help_documents_every_flag():
-    result = run_trainer("--help")
+    result = run_cli("--help")
     assert result.returncode == 0
     for flag in ["--epochs", "--batch-size", "--lr", "--weight-decay", "--num-workers", "--data-dir", "--out-dir",
                  "--disable-auto", "--dry-run", "--simulate-gpus", "--resume", "--seed", "--tta", "--model"]:
