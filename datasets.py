@@ -135,24 +135,35 @@ def ensure_dataset(dataset, data_dir):
         download(dataset, data_dir)
 
 
-def fetch_dataset(dataset, data_dir, local_rank, wait_s):
+def fetch_dataset(dataset, data_dir, local_rank, wait_s, image_size=CIFAR_IMAGE_SIZE, local_world_size=1):
     """The dataset in data_dir on every machine, before the process group forms.
 
     Only each machine's first process (LOCAL_RANK 0) downloads: machines without shared storage each need a
     copy, and one machine's processes must not download over each other. The others wait for the folder,
     which appears whole. Waiting here rather than in a barrier of the process group keeps NCCL's watchdog
-    from aborting the waiting ranks during a slow download.
+    from aborting the waiting ranks during a slow download. An image folder is never downloaded; under
+    torchrun its first process decodes it into the cache and the others wait for that (decode_once_per_machine).
     """
     data_dir = Path(data_dir)
-    if local_rank == 0 or dataset.url is None:  # an image folder is never downloaded: every process checks it
+    if dataset.key == "folder":
+        if local_world_size > 1:
+            decode_once_per_machine(dataset, data_dir, image_size, local_rank, wait_s)
+        else:
+            check_image_folder(dataset, data_dir)
+    elif local_rank == 0:
         ensure_dataset(dataset, data_dir)
-        return
+    else:
+        wait_for(lambda: has_dataset(dataset, data_dir), wait_s,
+                 f"download {dataset.title} into {data_dir}, and it is not there")
+
+
+def wait_for(condition, wait_s, what):
+    """Poll until condition() holds; after wait_s seconds, a DataError saying the first process did not `what`."""
     deadline = time.monotonic() + wait_s
-    while not has_dataset(dataset, data_dir):
+    while not condition():
         if time.monotonic() > deadline:
             raise DataError(f"Waited {wait_s / 60:.0f} minutes for this machine's first process (LOCAL_RANK 0) to "
-                            f"download {dataset.title} into {data_dir}, and it is not there. See that process's "
-                            f"error, or put the data there before starting.")
+                            f"{what}. See that process's error, or put the data there before starting.")
         time.sleep(1)
 
 
@@ -358,13 +369,65 @@ def check_image_folder(dataset, data_dir):
                         f"folder, or choose --dataset cifar10 or cifar100.")
 
 
-def class_folders(split_dir):
-    """The split's class names: its sub-folders, sorted (hidden ones, such as .ipynb_checkpoints, ignored)."""
+@dataclass(frozen=True)
+class FolderLayout:
+    """What an image folder holds, found by listing it (no image is opened)."""
+    class_names: list
+    train_split: str
+    train_files: list  # [(path relative to the folder, label)]
+    test_split: str | None  # None: HOLDOUT_FRACTION of train_split is held out
+    test_files: list
+    source: str  # one line for the log
+    notes: list  # warnings about the layout, printed and kept with the decoded images
+
+
+def image_folder_layout(dataset, data_dir):
+    check_image_folder(dataset, data_dir)
+    train_split = dataset.train_files[0]
+    class_names = class_folders(data_dir / train_split)
+    if len(class_names) < 2:
+        raise DataError(f"{data_dir / train_split} holds one class folder ({class_names[0]}): a classifier needs two "
+                        f"classes or more. Put each class's images in a folder of its own there.")
+    train_files, test_files, notes = list_images(data_dir, train_split, class_names), [], []
+    # The first test split that holds class folders; one of loose files (a competition's unlabelled test/)
+    # cannot be scored, so it is passed over with a warning.
+    test_split = None
+    for name in dataset.test_files:
+        if not (data_dir / name).is_dir():
+            continue
+        if not sub_folders(data_dir / name):
+            notes.append(f"{data_dir / name} holds no class folders (unlabelled images?), so it cannot be tested "
+                         f"on: not used")
+            continue
+        test_split = name
+        break
+    if test_split:
+        unknown = [name for name in class_folders(data_dir / test_split) if name not in class_names]
+        if unknown:
+            raise DataError(f"{data_dir / test_split} has class folders that {data_dir / train_split} does not have: "
+                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. The model can only learn "
+                            f"the classes it trains on: rename those folders to match {train_split}/'s class "
+                            f"folders, or add training images for them.")
+        test_files = list_images(data_dir, test_split, class_names)
+        source = f"image folder {data_dir} (test split: {test_split}/)"
+    else:
+        source = (f"image folder {data_dir} (no test split: {HOLDOUT_FRACTION:.0%} of {train_split}/ held out, "
+                  f"stratified, fixed)")
+    return FolderLayout(class_names, train_split, train_files, test_split, test_files, source, notes)
+
+
+def sub_folders(split_dir):
+    """The split's sub-folders, sorted (hidden ones, such as .ipynb_checkpoints, ignored)."""
     try:
-        names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:
         raise DataError(f"{split_dir} cannot be read ({e.strerror or e}). Check that the folder exists and can be "
                         f"read, or point --data-dir elsewhere.") from None
+
+
+def class_folders(split_dir):
+    """The split's class names: its sub-folders."""
+    names = sub_folders(split_dir)
     if not names:
         raise DataError(f"{split_dir} holds no class folders. Put each class's images in a folder of its own, "
                         f"named after the class: {split_dir}/<class>/<images>.")
@@ -526,28 +589,8 @@ def write_cache(path, decoded):
 
 def load_image_folder(dataset, data_dir, image_size):
     start = time.perf_counter()
-    check_image_folder(dataset, data_dir)
-    train_split = dataset.train_files[0]
-    test_split = next((name for name in dataset.test_files if (data_dir / name).is_dir()), None)
-    class_names = class_folders(data_dir / train_split)
-    if len(class_names) < 2:
-        raise DataError(f"{data_dir / train_split} holds one class folder ({class_names[0]}): a classifier needs two "
-                        f"classes or more. Put each class's images in a folder of its own there.")
-    train_files, test_files = list_images(data_dir, train_split, class_names), []
-    if test_split:
-        unknown = [name for name in class_folders(data_dir / test_split) if name not in class_names]
-        if unknown:
-            raise DataError(f"{data_dir / test_split} has class folders that {data_dir / train_split} does not have: "
-                            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. The model can only learn "
-                            f"the classes it trains on: rename those folders to match {train_split}/'s class "
-                            f"folders, or add training images for them.")
-        test_files = list_images(data_dir, test_split, class_names)
-        source = f"image folder {data_dir} (test split: {test_split}/)"
-    else:
-        source = (f"image folder {data_dir} (no test split: {HOLDOUT_FRACTION:.0%} of {train_split}/ held out, "
-                  f"stratified, fixed)")
-
-    cache = data_dir / ".cache" / f"decoded-{cache_key(data_dir, image_size, train_files + test_files)}.pt"
+    layout = image_folder_layout(dataset, data_dir)
+    cache = cache_path(data_dir, image_size, layout)
     decoded = read_cache(cache)
     if decoded is not None:
         for note in decoded["notes"]:
@@ -555,20 +598,50 @@ def load_image_folder(dataset, data_dir, image_size):
         count = len(decoded["train_images"]) + len(decoded["test_images"])
         print(f"[data] {count} images from the cache {cache} in {time.perf_counter() - start:.1f}s")
     else:
-        train_images, train_labels, notes = decode_split(data_dir, train_split, train_files, image_size)
-        if test_split:
-            test_images, test_labels, test_notes = decode_split(data_dir, test_split, test_files, image_size)
-            notes += test_notes
-        else:
-            test = hold_out(train_labels, len(class_names))
-            test_images, test_labels = train_images[test], train_labels[test]
-            train_images, train_labels = train_images[~test], train_labels[~test]
-        for note in notes:
-            print(f"[data] warning: {note}")
-        mean, std = channel_stats(train_images)
-        decoded = dict(train_images=train_images, train_labels=train_labels, test_images=test_images,
-                       test_labels=test_labels, class_names=class_names, mean=mean, std=std, notes=notes)
+        decoded = decode_image_folder(data_dir, image_size, layout)
         where = f"cached for the next run in {cache}" if write_cache(cache, decoded) else "not cached"
-        print(f"[data] decoded {len(train_images) + len(test_images)} images in {time.perf_counter() - start:.1f}s "
-              f"({where})")
-    return LoadedData(**decoded, extra_labels={}, source=source)
+        print(f"[data] decoded {len(decoded['train_labels']) + len(decoded['test_labels'])} images in "
+              f"{time.perf_counter() - start:.1f}s ({where})")
+    return LoadedData(**decoded, extra_labels={}, source=layout.source)
+
+
+def cache_path(data_dir, image_size, layout):
+    return data_dir / ".cache" / f"decoded-{cache_key(data_dir, image_size, layout.train_files + layout.test_files)}.pt"
+
+
+def decode_image_folder(data_dir, image_size, layout):
+    """The folder's splits decoded (and the hold-out drawn), with their statistics: what the cache holds."""
+    train_images, train_labels, notes = decode_split(data_dir, layout.train_split, layout.train_files, image_size)
+    if layout.test_split:
+        test_images, test_labels, test_notes = decode_split(data_dir, layout.test_split, layout.test_files,
+                                                            image_size)
+        notes += test_notes
+    else:
+        test = hold_out(train_labels, len(layout.class_names))
+        test_images, test_labels = train_images[test], train_labels[test]
+        train_images, train_labels = train_images[~test], train_labels[~test]
+    notes = layout.notes + notes
+    for note in notes:
+        print(f"[data] warning: {note}")
+    mean, std = channel_stats(train_images)
+    return dict(train_images=train_images, train_labels=train_labels, test_images=test_images,
+                test_labels=test_labels, class_names=layout.class_names, mean=mean, std=std, notes=notes)
+
+
+def decode_once_per_machine(dataset, data_dir, image_size, local_rank, wait_s):
+    """Under torchrun: this machine's first process decodes the folder into the cache; the others wait for it
+    (and then read it, like a second run), rather than each decoding it with a process per core."""
+    layout = image_folder_layout(dataset, data_dir)
+    cache = cache_path(data_dir, image_size, layout)
+    if local_rank != 0:
+        wait_for(cache.is_file, wait_s, f"decode the image folder {data_dir} into {cache}, and it has not")
+        return
+    if cache.is_file():
+        return
+    start = time.perf_counter()
+    if not write_cache(cache, decode_image_folder(data_dir, image_size, layout)):
+        raise DataError(f"Under torchrun the decoded images are shared through the cache {cache}, which cannot be "
+                        f"written (see the warning above). Make {data_dir} writable or free some space there, "
+                        f"or train with one process (python train.py).")
+    print(f"[data] decoded {len(layout.train_files) + len(layout.test_files)} image files in "
+          f"{time.perf_counter() - start:.1f}s, for this machine's other processes to read from {cache}")

@@ -4,7 +4,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY, history_of, run_trainer, start_trainer, wait_for_line
+from conftest import TINY, history_of, run_cli, run_trainer, start_trainer, wait_for_line
 from test_bad_input import assert_refused
 from test_datasets import rewrite
 from tiny_cifar import write_image_split, write_tiny_cifar, write_tiny_cifar100
@@ -119,6 +119,6 @@ def no_class_folders(root):
 ])
 def test_bad_new_data_is_refused_in_one_paragraph(make_bad_data, message, tmp_path):
     flags = make_bad_data(tmp_path / "data")
-    result = run_trainer("--epochs", 1, *flags, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "run")
+    result = run_cli("--epochs", 1, *flags, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "run")
     assert_refused(result, message)
     assert not (tmp_path / "run").exists()

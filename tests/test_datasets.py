@@ -195,6 +195,26 @@ def test_only_each_machines_first_process_downloads_and_the_others_wait(tmp_path
 # ----------------------------------------------------------------------------------------------
 # Image folders
 
+
+def test_under_torchrun_only_each_machines_first_process_decodes_an_image_folder(tmp_path, monkeypatch, capsys):
+    write_image_split(tmp_path / "train", per_class=4)
+    with pytest.raises(DataError, match="Waited 0 minutes for this machine's first process .* to decode"):
+        fetch_dataset(FOLDER, tmp_path, local_rank=1, wait_s=0.5, local_world_size=2)
+    assert not (tmp_path / ".cache").exists()  # the waiting process decoded nothing
+    fetch_dataset(FOLDER, tmp_path, local_rank=0, wait_s=60, local_world_size=2)
+    assert "for this machine's other processes to read" in capsys.readouterr().out
+    monkeypatch.setattr(datasets, "decode_split", lambda *args: pytest.fail("decoded a second time"))
+    fetch_dataset(FOLDER, tmp_path, local_rank=1, wait_s=0.5, local_world_size=2)
+    fetch_dataset(FOLDER, tmp_path, local_rank=0, wait_s=60, local_world_size=2)
+    assert len(load(tmp_path).train_images) == 9  # from the cache: 12 images, 1 of each class held out
+
+    unwritable = tmp_path / "other"
+    write_image_split(unwritable / "train", per_class=4)
+    (unwritable / ".cache").write_text("a file where the cache folder would go")
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="shared through the cache .* cannot be written"):
+        fetch_dataset(FOLDER, unwritable, local_rank=0, wait_s=60, local_world_size=2)
+
 def load(data_dir, capsys=None, **kwargs):
     data = load_dataset(FOLDER, data_dir, **kwargs)
     return (data, capsys.readouterr().out) if capsys else data
@@ -271,6 +291,23 @@ def test_test_split_is_preferred_to_val(tmp_path):
     write_image_split(tmp_path / "test", per_class=1)
     data = load(tmp_path)
     assert len(data.test_images) == 3 and data.source.endswith("(test split: test/)")
+
+
+def test_an_unlabelled_test_split_is_passed_over_for_a_labelled_one(tmp_path, capsys):
+    write_image_split(tmp_path / "train", per_class=10)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "0001.jpg").write_bytes(b"a competition's unlabelled test image")
+    write_image_split(tmp_path / "val", per_class=2)
+    data, out = load(tmp_path, capsys)
+    assert data.source == f"image folder {tmp_path} (test split: val/)" and len(data.test_images) == 6
+    assert data.notes == [f"{tmp_path / 'test'} holds no class folders (unlabelled images?), so it cannot be tested "
+                          f"on: not used"]
+    assert f"[data] warning: {data.notes[0]}" in out
+
+    shutil.rmtree(tmp_path / "val")  # no labelled split left: the hold-out
+    data = load(tmp_path)
+    assert data.source.endswith("(no test split: 10% of train/ held out, stratified, fixed)")
+    assert len(data.test_images) == 3 and len(data.notes) == 1
 
 
 def test_test_split_may_lack_classes(tmp_path):
@@ -357,7 +394,6 @@ def test_cached_notes_are_printed_again(tmp_path, capsys):
 @pytest.mark.parametrize("folder, match", [
     ("train/owl/nested", "Class folder {d}/train/owl holds no images"),  # only a sub-folder and a text file
     ("test/wolf", "{d}/test has class folders that {d}/train does not have: wolf"),
-    ("val", "{d}/val holds no class folders"),
 ])
 def test_image_folder_layout_problems(tmp_path, folder, match):
     write_image_split(tmp_path / "train", per_class=2)

@@ -153,6 +153,6 @@ def test_cpu_bf16_probe_missing_from_torch_means_the_fp32_plan(monkeypatch):
 
 def test_resnets_get_the_sgd_recipe_and_cifarnets_airbench():
     resnet = make_plan(gpus(RTX3090), model="ResNet50")
-    assert (resnet["recipe"], resnet["batch_size"], resnet["lr"], resnet["weight_decay"]) == ("sgd", 512, 0.2, 5e-4)
+    assert (resnet["recipe"], resnet["batch_size"], resnet["lr"], resnet["weight_decay"]) == ("sgd", 128, 0.1, 5e-4)
     assert "Nesterov SGD" in resnet["reasons"]["recipe"]
     assert make_plan(gpus(RTX3090))["recipe"] == "muon"
