@@ -98,6 +98,8 @@ class LoadedData:
     extra_labels: dict  # name -> (train int64, test int64), e.g. CIFAR-100's coarse_labels
     source: str  # one line for the log
     notes: list  # warnings already printed, for the run history
+    val_images: torch.Tensor | None = None  # held out of train by the trainer (train.hold_out_validation)
+    val_labels: torch.Tensor | None = None
 
 
 def choose_dataset(name, data_dir):
@@ -442,17 +444,24 @@ def list_images(data_dir, split, class_names):
         class_dir = data_dir / split / name
         if not class_dir.is_dir():
             continue  # a class the test split does not have
-        found = []
-        for root, dirs, file_names in os.walk(class_dir):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders and files are not data
-            inside = os.path.relpath(root, data_dir)
-            found += [os.path.join(inside, f) for f in file_names
-                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        found = image_files(class_dir, data_dir)
         if not found:
             raise DataError(f"Class folder {class_dir} holds no images (files ending in {', '.join(IMAGE_EXTENSIONS)}, "
                             f"at any depth). Put the class's images there, or remove the folder.")
-        files += [(path, label) for path in sorted(found)]
+        files += [(path, label) for path in found]
     return files
+
+
+def image_files(folder, relative_to):
+    """Every image file under folder, at any depth, as paths relative to `relative_to`, sorted. Hidden files and
+    folders (.ipynb_checkpoints, .cache) are not data."""
+    found = []
+    for root, dirs, file_names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        inside = os.path.relpath(root, relative_to)
+        found += [os.path.join(inside, f) for f in file_names
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 def decode_image(path, size):

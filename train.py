@@ -38,6 +38,7 @@ from torch import nn
 
 from datasets import (CIFAR_IMAGE_SIZE, DATASETS, DataError, Dataset, check_image_size, choose_dataset, class_folders,
                       fetch_dataset, load_dataset)
+import report
 from models import MODELS, PowerCifarNet, build_model, count_macs, count_parameters
 
 try:  # absent on Windows, where runs are still never overwritten but their folder is not locked
@@ -92,9 +93,10 @@ MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 MAX_SEED = 2**32 - 1
 
 RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
-RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png")  # what a run writes
+RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png",  # what a run writes
+             "report.json", "confusion_matrix.png", "misclassified.png")  # the last three when it finishes
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
-CHECKPOINT_FORMAT = 4  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
+CHECKPOINT_FORMAT = 5  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -199,8 +201,10 @@ def print_hardware(hw):
 
 
 def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False, model=None,
-              width_mult=None, precision=None, world_size=1, local_rank=0, local_world_size=1, threads=None):
-    """Decide devices, model, batch size, learning rate, epochs and precision, each with its reason.
+              width_mult=None, precision=None, val_split=None, patience=None, world_size=1, local_rank=0,
+              local_world_size=1, threads=None):
+    """Decide devices, model, batch size, learning rate, epochs, precision and how the saved model is chosen,
+    each with its reason.
 
     Under torchrun (world_size > 1) the plan is for one rank: its device is GPU local_rank (or the
     CPU), and batch_size is the global batch, split evenly over the ranks. Nothing changes a plan once made.
@@ -245,8 +249,24 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
             raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
                             f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["threads"], reasons["threads"] = plan_threads(hw, local_world_size, threads)
+    plan["val_split"], plan["patience"], reasons["selection"] = choose_selection(val_split, patience)
     plan["reasons"] = reasons
     return plan
+
+
+def choose_selection(val_split, patience):
+    """(validation images as given: a count or a fraction of train, 0 for none; patience; reason). The saved model
+    is never chosen on the test set: by validation accuracy when there is a validation split, else the last epoch."""
+    if patience is not None and not val_split:
+        raise UserError(f"--patience {patience} stops when validation accuracy stops improving, and there is no "
+                        f"validation split. Add one, e.g. --val-split 5000, or drop --patience.")
+    if not val_split:
+        return 0, None, ("the last epoch (no validation split: the learning rate decays to zero at the end, and "
+                         "the test set is only reported, never used to choose)")
+    size = f"{val_split:.0%} of" if isinstance(val_split, float) else f"{val_split:,}"
+    stop = f"; stop after {patience} epochs without a gain" if patience else ""
+    return val_split, patience, (f"the epoch of best validation accuracy ({size} training images held out, "
+                                 f"stratified by class{stop})")
 
 
 def choose_devices(hw, disable_auto):
@@ -392,7 +412,8 @@ def plan_for_flags(args, hw, dist, threads=None):
     """A new run's plan: make_plan with the user's flags, for this process's place under torchrun."""
     return make_plan(hw, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      disable_auto=args.disable_auto, model=args.model, width_mult=args.width_mult,
-                     precision=args.precision, world_size=dist.world_size, local_rank=dist.local_rank,
+                     precision=args.precision, val_split=args.val_split, patience=args.patience,
+                     world_size=dist.world_size, local_rank=dist.local_rank,
                      local_world_size=dist.local_world_size, threads=threads)
 
 
@@ -452,6 +473,7 @@ def print_plan(plan):
     print(f"[plan] epochs: {plan['epochs']} ({r['epochs']})")
     print(f"[plan] precision: {plan['precision']} ({r['precision']})")
     print(f"[plan] threads: {plan['threads']} ({r['threads']})")
+    print(f"[plan] saved model: {r['selection']}")
     if plan["parallel"] == "DataParallel":
         print(f"[plan] parallel: DataParallel over devices {plan['device_ids']}")
         print(f"[plan] for DistributedDataParallel instead: "
@@ -465,21 +487,58 @@ def print_plan(plan):
 # 3. Data: the whole dataset as one uint8 tensor on the training device, augmented there in batches.
 
 
-DATA_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")  # the parts of LoadedData trained on
+DATA_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")  # the splits as loaded
 
 
-def load_data_to_device(dataset, data_dir, image_size, device):
-    """The whole dataset (fetched beforehand by fetch_dataset), moved once to the training device.
-    Returns the data (datasets.LoadedData) and its fingerprint."""
+def load_data_to_device(dataset, data_dir, image_size, device, val_split=0, seed=0):
+    """The whole dataset (fetched beforehand by fetch_dataset), its validation split held out of train, moved
+    once to the training device. Returns the data (datasets.LoadedData) and the fingerprint of the data as loaded."""
     t0 = time.time()
     data = load_dataset(dataset, data_dir, image_size)
     fingerprint = data_fingerprint(data)
-    data = dataclasses.replace(data, **{name: getattr(data, name).to(device) for name in DATA_TENSORS})
+    data = hold_out_validation(data, val_split, seed)
+    data = dataclasses.replace(data, **{name: getattr(data, name).to(device)
+                                        for name in (*DATA_TENSORS, "val_images", "val_labels")
+                                        if getattr(data, name) is not None})
     names = ", ".join(data.class_names[:10]) + (", ..." if len(data.class_names) > 10 else "")
-    print(f"[data] {data.source}: {len(data.train_images):,} training and {len(data.test_images):,} test images of "
-          f"{image_size}x{image_size}, {len(data.class_names)} classes ({names}), on {device} in "
+    validation = f", {len(data.val_images):,} validation (held out of train)" if data.val_images is not None else ""
+    print(f"[data] {data.source}: {len(data.train_images):,} training{validation} and {len(data.test_images):,} test "
+          f"images of {image_size}x{image_size}, {len(data.class_names)} classes ({names}), on {device} in "
           f"{time.time() - t0:.1f}s")
     return data, fingerprint
+
+
+def hold_out_validation(data, val_split, seed):
+    """Move val_split training images (a count, or a fraction of train) into the validation split: the first
+    ones of stratified_order, so every class gives its share. 0: no validation split."""
+    if not val_split:
+        return data
+    count = round(val_split * len(data.train_labels)) if isinstance(val_split, float) else val_split
+    if not 0 < count < len(data.train_labels):
+        raise UserError(f"--val-split {val_split} holds out {count} of the {len(data.train_labels):,} training "
+                        f"images; it must leave some to train on and hold out at least one. Give a count below "
+                        f"{len(data.train_labels):,} or a fraction such as 0.1.")
+    held_out = stratified_order(data.train_labels, seed)[:count]
+    keep = torch.ones(len(data.train_labels), dtype=torch.bool)
+    keep[held_out] = False
+    # Extra labels (CIFAR-100's coarse ones) follow the training images that stay; nothing trains on them.
+    extra = {key: (train[keep], test) for key, (train, test) in data.extra_labels.items()}
+    return dataclasses.replace(data, train_images=data.train_images[keep], train_labels=data.train_labels[keep],
+                               val_images=data.train_images[held_out], val_labels=data.train_labels[held_out],
+                               extra_labels=extra)
+
+
+def stratified_order(labels, seed):
+    """A permutation of the images in which every stretch holds each class in proportion: each class is shuffled
+    (fixed by seed), its k-th of n images placed at (k + 1/2) / n, and all sorted by place. Its first N images are
+    a stratified validation split of N."""
+    generator = torch.Generator().manual_seed(seed)
+    place = torch.empty(len(labels), dtype=torch.float64)
+    for k in labels.unique().tolist():
+        members = (labels == k).nonzero().flatten()
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        place[shuffled] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+    return torch.argsort(place, stable=True)
 
 
 def data_fingerprint(data):
@@ -741,8 +800,8 @@ class Run:
     epoch_sums: torch.Tensor | None = None  # summed loss, top-1 and top-5 correct and images of the epoch so far
     epoch_seconds: float = 0.0
     nonfinite_steps: torch.Tensor | None = None  # NaN/inf losses in a row, counted on the device
-    best_acc: float = -1.0
-    best_epoch: int | None = None
+    best_val_acc: float | None = None  # the saved model's validation accuracy (None without a validation split)
+    best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
     best_state: dict | None = None
 
     @property
@@ -804,6 +863,8 @@ def train_loop(run, data):
     plan = run.plan
     epoch, epoch_start = run.start_epoch, None
     while epoch < plan["epochs"]:
+        if patience_ran_out(run, epoch):  # checked here, not after the epoch, so a resumed run stops too
+            break
         skip = run.batch_in_epoch
         if skip == 0:
             run.epoch_sums.zero_()
@@ -834,11 +895,15 @@ def train_loop(run, data):
             return False
         run.dist.sync_state_from_main(run.model)  # BatchNorm statistics drift per rank; evaluate rank 0's
         loss_sum, correct, top5_correct, seen = run.epoch_sums.tolist()
+        val_loss, val_acc, val_top5 = evaluate(run.model, data.val_images, data.val_labels, run.normalization, 0,
+                                               run.autocast_dtype, run.dist) if has_validation(data) else (None,) * 3
+        # The test set is evaluated for the record only: nothing is chosen on it.
         test_loss, test_acc, test_top5 = evaluate(run.model, data.test_images, data.test_labels, run.normalization,
                                                   0, run.autocast_dtype, run.dist)
         peaks = peak_memory_gb(run.memory_devices)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen,
                "train_top5": 100 * top5_correct / seen if reports_top5(len(run.class_names)) else None,
+               "val_loss": val_loss, "val_acc": val_acc, "val_top5": val_top5,
                "test_loss": test_loss, "test_acc": test_acc, "test_top5": test_top5,
                "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
@@ -846,20 +911,42 @@ def train_loop(run, data):
                "batch_size": run.batch_size}
         check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
+        validation = (f" | val loss {val_loss:.3f} acc {val_acc:.2f}%{top5_text(val_top5)}"
+                      if val_acc is not None else "")
         print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}%"
-              f"{top5_text(row['train_top5'])} | test loss {test_loss:.3f} acc {test_acc:.2f}%{top5_text(test_top5)} | "
-              f"{row['seconds']:.1f}s, "
+              f"{top5_text(row['train_top5'])}{validation} | test loss {test_loss:.3f} acc {test_acc:.2f}%"
+              f"{top5_text(test_top5)} | {row['seconds']:.1f}s, "
               f"{row['images_per_s']:.0f} img/s, {run.memory_label} {memory_text(peaks)}", flush=True)
         run.batch_in_epoch = 0
         epoch += 1
         best = None
-        if test_acc > run.best_acc:
-            run.best_acc, run.best_epoch = test_acc, epoch
+        # Without a validation split every epoch replaces the saved model: the last one, at the schedule's end, is it.
+        if val_acc is None or run.best_val_acc is None or val_acc > run.best_val_acc:
+            run.best_val_acc, run.best_epoch = val_acc, epoch
             best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
         save_outputs(run, best=best, state=training_state(run, epoch))
         if run.dist.any(run.stop.signal is not None, run.device) and epoch < plan["epochs"]:
             return False
+    return True
+
+
+def has_validation(data):
+    return data.val_images is not None
+
+
+def patience_ran_out(run, epoch):
+    """--patience: True (and said once, in the history too) when `patience` epochs have passed without a new best
+    validation accuracy."""
+    patience = run.plan["patience"]
+    if not patience or run.best_epoch is None or epoch - run.best_epoch < patience:
+        return False
+    if not any("stopped_early" in event for event in run.history["events"]):
+        run.history["events"].append({"stopped_early": {
+            "after_epoch": epoch, "best_epoch": run.best_epoch,
+            "why": f"{patience} epochs without a gain in validation accuracy (--patience {patience})"}})
+        print(f"[stop] early stop after epoch {epoch}: no gain in validation accuracy for {patience} epochs since "
+              f"epoch {run.best_epoch}")
     return True
 
 
@@ -1086,20 +1173,46 @@ def evaluate(model, images, labels, normalization, tta=0, autocast_dtype=None, d
     n = len(images)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     shard = slice(rank * n // world, (rank + 1) * n // world)
-    batch_size = EVAL_BATCH_SIZE
-    while (sums := evaluation_sums(model, images[shard], labels[shard], normalization, tta, autocast_dtype,
-                                   batch_size)) is None:
-        if batch_size == 1:
-            raise TrainingFailed("Out of GPU memory while evaluating a single image. Free the GPU (other "
-                                 "processes?) and --resume: last.pth and best_model.pth hold the last saved epoch.")
-        batch_size //= 2
-        if images.device.type == "cuda":
-            torch.cuda.empty_cache()
-        print(f"[oom] out of memory while evaluating: retrying with batch size {batch_size}", file=sys.stderr)
+    sums = halving_batch_on_oom(lambda batch_size: evaluation_sums(model, images[shard], labels[shard], normalization,
+                                                                   tta, autocast_dtype, batch_size), images.device)
     if dist:
         dist.all_reduce_sum(sums)
     loss_sum, correct, top5_correct, reports_top5 = sums.tolist()
     return loss_sum / n, 100.0 * correct / n, 100.0 * top5_correct / n if reports_top5 else None
+
+
+def halving_batch_on_oom(compute, device):
+    """compute(batch_size) at EVAL_BATCH_SIZE; when it runs out of memory (returns None: a small GPU, test-time
+    augmentation), again with half the batch."""
+    batch_size = EVAL_BATCH_SIZE
+    while (result := compute(batch_size)) is None:
+        if batch_size == 1:
+            raise TrainingFailed("Out of GPU memory while evaluating a single image. Free the GPU (other "
+                                 "processes?) and --resume: last.pth and best_model.pth hold the last saved epoch.")
+        batch_size //= 2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[oom] out of memory while evaluating: retrying with batch size {batch_size}", file=sys.stderr)
+    return result
+
+
+@torch.no_grad()
+def class_probabilities(model, images, normalization, tta, autocast_dtype, batch_size):
+    """Softmax probabilities of every image (float32, CPU), or None if the device ran out of memory."""
+    model.eval()
+    try:
+        return torch.cat([predict_batch(model, images[start:start + batch_size], normalization, tta,
+                                        autocast_dtype).softmax(1).cpu()
+                          for start in range(0, len(images), batch_size)])
+    except torch.OutOfMemoryError:
+        return None
+
+
+def predict_batch(model, images_uint8, normalization, tta, autocast_dtype):
+    """float32 logits of a batch of uint8 images: normalised, channels_last, under the run's autocast."""
+    inputs = normalize(images_uint8, normalization).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return predict(model, inputs, tta).float()
 
 
 @torch.no_grad()
@@ -1109,10 +1222,8 @@ def evaluation_sums(model, images, labels, normalization, tta, autocast_dtype, b
     sums = torch.zeros(4, device=images.device, dtype=torch.float64)
     try:
         for start in range(0, len(images), batch_size):
-            inputs = normalize(images[start:start + batch_size], normalization)
+            logits = predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
             targets = labels[start:start + batch_size]
-            with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = predict(model, inputs.contiguous(memory_format=torch.channels_last), tta).float()
             sums[0] += F.cross_entropy(logits, targets, reduction="sum")
             sums[1:] += torch.stack(correct_counts(logits, targets))
     except torch.OutOfMemoryError:
@@ -1148,25 +1259,72 @@ def predict(model, inputs, tta):
 
 
 def finish_run(run, data, tta):
-    """Evaluate the best epoch's weights with test-time augmentation and write the final outputs."""
-    stage(7, f"Evaluating the best epoch ({run.best_epoch}) with test-time augmentation level {tta}")
+    """Evaluate the saved model (best on validation, or the last epoch) with test-time augmentation, write its
+    report and the final outputs. Rank 0 alone: nothing here needs the other ranks."""
+    if not run.dist.is_main:
+        return
+    stage(7, f"Evaluating the saved model (epoch {run.best_epoch}) with test-time augmentation level {tta}")
     run.model.load_state_dict(run.best_state)
-    t0 = time.time()
-    _, tta_acc, tta_top5 = evaluate(run.model, data.test_images, data.test_labels, run.normalization, tta,
-                                    run.autocast_dtype, run.dist)
-    print(f"[eval] test accuracy {run.best_acc:.2f}% plain, {tta_acc:.2f}% with TTA{top5_text(tta_top5)} "
-          f"({time.time() - t0:.1f}s)")
-    stage(8, "Saving")
     epochs = run.history["epochs"]
     best_row = next(r for r in epochs if r["epoch"] == run.best_epoch)
-    run.history["final"] = {"best_epoch": run.best_epoch, "test_acc": run.best_acc, "test_acc_tta": tta_acc,
-                            "test_top5": best_row["test_top5"], "test_top5_tta": tta_top5, "tta_level": tta,
+    t0 = time.time()
+    reports, test_probabilities = evaluation_reports(run.model, data, run.normalization, tta, run.autocast_dtype)
+    test = reports["test"]
+    print(f"[eval] test accuracy {best_row['test_acc']:.2f}% plain, {test['accuracy']:.2f}% with TTA"
+          f"{top5_text(test['top5'])} ({time.time() - t0:.1f}s)")
+    print_reports(reports)
+    stage(8, "Saving")
+    run.history["final"] = {"best_epoch": run.best_epoch, "selection": run.plan["reasons"]["selection"],
+                            "val_acc": best_row["val_acc"], "val_acc_tta": reports.get("validation", {}).get("accuracy"),
+                            "test_acc": best_row["test_acc"], "test_acc_tta": test["accuracy"],
+                            "test_top5": best_row["test_top5"], "test_top5_tta": test["top5"], "tta_level": tta,
                             "train_seconds": sum(r["seconds"] for r in epochs),
                             "peak_memory_gb": max((r["peak_memory_gb"] for r in epochs
                                                    if r["peak_memory_gb"] is not None), default=None)}
-    save_outputs(run, best=best_model_payload(run, run.best_epoch, best_row, tta_acc, tta_top5, tta))
+    best = best_model_payload(run, run.best_epoch, best_row, test["accuracy"], test["top5"], tta)
+    save_report(run.out_dir, reports, test_probabilities, data, best)
+    save_outputs(run, best=best)
     stage(9, f"Wrote {', '.join(RUN_FILES)} to {run.out_dir}")
-    stage(10, f"Done: {tta_acc:.2f}% test accuracy (TTA {tta}), best epoch {run.best_epoch}")
+    stage(10, f"Done: {test['accuracy']:.2f}% test accuracy (TTA {tta}), saved model of epoch {run.best_epoch}")
+
+
+def evaluation_reports(model, data, normalization, tta, autocast_dtype):
+    """The report (report.metrics) of each split the model is judged on, test and (if any) validation, and the
+    test images' class probabilities."""
+    reports, test_probabilities = {}, None
+    splits = [("test", data.test_images, data.test_labels)]
+    if has_validation(data):
+        splits.append(("validation", data.val_images, data.val_labels))
+    for split, images, labels in splits:
+        probabilities = halving_batch_on_oom(lambda batch_size: class_probabilities(
+            model, images, normalization, tta, autocast_dtype, batch_size), images.device)
+        labels = labels.cpu()
+        _, top5_correct, top5_reported = correct_counts(probabilities, labels)
+        confusion = report.confusion_matrix(labels, probabilities.argmax(1), len(data.class_names))
+        reports[split] = report.metrics(confusion, data.class_names,
+                                        100 * top5_correct.item() / len(labels) if top5_reported else None)
+        if split == "test":
+            test_probabilities = probabilities
+    return reports, test_probabilities
+
+
+def print_reports(reports):
+    for split, metrics in reports.items():
+        print(report.summary_table(metrics, split))
+
+
+def save_report(out_dir, reports, test_probabilities, data, best):
+    """report.json (the saved model and each split's metrics), the test confusion matrix and its most confidently
+    misclassified images, as PNGs."""
+    confidence, predictions = test_probabilities.max(1)
+    about = {key: best[key] for key in ("model_name", "model_kwargs", "dataset", "epoch", "selection", "tta_level")}
+    atomic_write(out_dir / "report.json", json.dumps({"model": about, **reports}, indent=2).encode())
+    test = reports["test"]
+    atomic_write(out_dir / "confusion_matrix.png", report.confusion_png(
+        torch.tensor(test["confusion"]), data.class_names,
+        f"{best['model_name']} on {best['dataset']} test: {test['accuracy']:.2f}% (TTA {best['tta_level']})"))
+    atomic_write(out_dir / "misclassified.png", report.misclassified_png(
+        data.test_images.cpu(), data.test_labels.cpu(), predictions, confidence, data.class_names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1347,19 +1505,24 @@ def plot_curves(history, path):
         return
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    axes[0].plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    axes[0].plot(epochs, [r["test_loss"] for r in rows], "o-", label="test")
+    # The test curves are for the record (nothing is chosen on them); the saved epoch is marked where it was chosen.
+    curves = [("train", "train", "tab:blue"), ("val", "validation", "tab:green"), ("test", "test (reported only)",
+                                                                                 "tab:orange")]
+    for key, label, colour in curves:
+        if rows[0][f"{key}_acc"] is None:
+            continue
+        axes[0].plot(epochs, [r[f"{key}_loss"] for r in rows], "o-", color=colour, label=label)
+        axes[1].plot(epochs, [r[f"{key}_acc"] for r in rows], "o-", color=colour, label=label)
+        if rows[0][f"{key}_top5"] is not None:
+            axes[1].plot(epochs, [r[f"{key}_top5"] for r in rows], "o--", color=colour, alpha=0.5,
+                         label=f"{label} top-5")
     axes[0].set_title("Loss (train includes label smoothing)")
-    axes[1].plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
-    axes[1].plot(epochs, [r["test_acc"] for r in rows], "o-", label="test")
-    if rows[0].get("test_top5") is not None:
-        axes[1].plot(epochs, [r["train_top5"] for r in rows], "o--", color="tab:blue", alpha=0.5, label="train top-5")
-        axes[1].plot(epochs, [r["test_top5"] for r in rows], "o--", color="tab:orange", alpha=0.5, label="test top-5")
-    best = max(rows, key=lambda r: r["test_acc"])
-    axes[1].annotate(f"best {best['test_acc']:.2f}%", (best["epoch"], best["test_acc"]),
+    chosen_on = "val" if rows[0]["val_acc"] is not None else "test"
+    saved = max(rows, key=lambda r: r["val_acc"]) if chosen_on == "val" else rows[-1]
+    axes[1].annotate(f"saved: epoch {saved['epoch']}", (saved["epoch"], saved[f"{chosen_on}_acc"]),
                      textcoords="offset points", xytext=(-60, -20))
     axes[1].set_title("Accuracy (%)")
-    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:purple")
     axes[2].set_title("Learning rate (at epoch end)")
     for ax in axes:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -1388,7 +1551,14 @@ def best_model_payload(run, epoch, row, test_acc_tta=None, test_top5_tta=None, t
         "dataset": run.dataset.title,
         "image_size": run.image_size,
         "normalization": {"mean": list(mean), "std": list(std)},
+        # Where the data came from and how it was split, so that --evaluate can judge the model again.
+        "dataset_key": run.dataset.key,
+        "data_dir": str(run.data_dir),
+        "val_split": run.plan["val_split"],
+        "seed": run.seed,
         "epoch": epoch,
+        "selection": run.plan["reasons"]["selection"],
+        "val_acc": row["val_acc"],
         "test_acc": row["test_acc"],
         "test_top5": row["test_top5"],
         "test_acc_tta": test_acc_tta,
@@ -1398,11 +1568,34 @@ def best_model_payload(run, epoch, row, test_acc_tta=None, test_top5_tta=None, t
 
 
 def load_trained_model(path):
-    """Rebuild the model saved in best_model.pth, ready for inference (eval mode, CPU)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"], **checkpoint["model_kwargs"])
-    model.load_state_dict(checkpoint["state_dict"])
+    """Rebuild the model saved in best_model.pth, ready for inference (eval mode, CPU). A missing, damaged or
+    foreign file is a UserError that names it and says what to give instead."""
+    path = Path(path)
+    give = "Give the best_model.pth that train.py wrote in its run folder, e.g. runs/cifar10-001/best_model.pth."
+    if not path.is_file():
+        raise UserError(f"No model file at {path}{' (a folder)' if path.is_dir() else ''}. {give}")
+    if damaged := damaged_member(path):
+        raise UserError(f"{path} is damaged ({damaged} fails its checksum): it was truncated or altered on disk. "
+                        f"{give}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint.get("kind") in (CHECKPOINT_KIND, "cifar10-trainer-state"):
+            raise UserError(f"{path} is a run's training state (last.pth), for --resume; the model to use is the "
+                            f"best_model.pth beside it. {give}")
+        model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"],
+                            **checkpoint["model_kwargs"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except UserError:
+        raise
+    except Exception as e:  # not a torch file, cut short, or another tool's checkpoint
+        raise UserError(f"{path} could not be loaded as a model written by train.py ({type(e).__name__}): it is "
+                        f"damaged, cut short or from another program. {give}") from None
     return model.eval(), checkpoint
+
+
+def normalization_of(checkpoint):
+    """A best_model.pth's (mean, std), as normalize() takes them (tuples: it caches its tensors per pair)."""
+    return tuple(checkpoint["normalization"]["mean"]), tuple(checkpoint["normalization"]["std"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1432,7 +1625,7 @@ def training_state(run, epoch):
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
-        "best_acc": run.best_acc,
+        "best_val_acc": run.best_val_acc,
         "best_epoch": run.best_epoch,
         "best_state": run.best_state,
         "history": run.history,
@@ -1488,7 +1681,10 @@ def load_resume_state(path):
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}. Give the path of a last.pth written by this trainer, "
                         f"or the --out-dir of the run to continue.")
-    verify_checksums(path)
+    if damaged := damaged_member(path):
+        raise UserError(f"--resume: {path} is damaged ({damaged} fails its checksum): the file was truncated or "
+                        f"altered on disk. It cannot be continued; if the run's best_model.pth is intact it still "
+                        f"loads, otherwise start a new run.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn, foreign or non-torch file: all the user needs is which file and why
@@ -1506,18 +1702,16 @@ def load_resume_state(path):
     return state
 
 
-def verify_checksums(path):
-    """torch.load does not check the CRC32 that torch.save stores for each part of its zip file; a flipped bit
-    would go unnoticed into the weights. Reading the file once through zipfile checks them all."""
+def damaged_member(path):
+    """The part of a torch.save file that fails its CRC32, or None. torch.load does not check the checksums
+    torch.save stores, so a flipped bit would go unnoticed into the weights; reading the file once through
+    zipfile checks them all. A file that is not a zip at all (cut before its index, or foreign): None, and
+    torch.load says so."""
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError):
-        return  # not a zip file at all (truncated before its index, or foreign): torch.load says so
-    if damaged is not None:
-        raise UserError(f"--resume: {path} is damaged ({damaged} fails its checksum): the file was truncated or "
-                        f"altered on disk. It cannot be continued; if the run's best_model.pth is intact it still "
-                        f"loads, otherwise start a new run.")
+        return None
 
 
 def check_resume_data(path, state, fingerprint, data_dir):
@@ -1538,7 +1732,8 @@ def check_resume_matches_flags(args, path, state):
              "--model": (args.model, plan["model"]), "--seed": (args.seed, state["seed"]),
              "--precision": (args.precision, plan["precision"]),
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
-             "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"])}
+             "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"]),
+             "--val-split": (args.val_split, plan["val_split"]), "--patience": (args.patience, plan["patience"])}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
             raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
@@ -1552,7 +1747,7 @@ def restore_run(run, state):
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     run.step, run.start_epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    run.best_acc, run.best_epoch, run.best_state = state["best_acc"], state["best_epoch"], state["best_state"]
+    run.best_val_acc, run.best_epoch, run.best_state = state["best_val_acc"], state["best_epoch"], state["best_state"]
     if state["batch_size"] != run.batch_size:  # backed off after running out of memory
         run.batch_size = state["batch_size"]
         batches = run.train_batches
@@ -1677,7 +1872,18 @@ def parse_args(argv=None):
     p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
                    help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
                         "(default: 2)")
-    p.add_argument("--seed", type=int, default=None, help="random seed; fixes a CPU run exactly (default: random)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed; fixes a CPU run exactly, and which images --val-split holds out (default: random)")
+    p.add_argument("--val-split", type=val_split_value, default=None, metavar="N",
+                   help="hold out N training images (a count, or a fraction such as 0.1), stratified by class, to "
+                        "choose the saved model: the epoch of best validation accuracy. Default 0: the last epoch "
+                        "is saved, since the learning rate decays to zero at the end and held-out images are images "
+                        "not trained on; the test set is only ever reported (see README, Honest numbers)")
+    p.add_argument("--patience", type=int, default=None, metavar="K",
+                   help="stop after K epochs without a gain in validation accuracy (needs --val-split)")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL",
+                   help="no training: write the report (report.json, confusion_matrix.png, misclassified.png) of a "
+                        "saved best_model.pth on its own dataset, into its folder (or --out-dir)")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,
                    help="cifar10 or cifar100 (downloaded into --data-dir if missing), or folder: your own images "
                         "in DATA_DIR/train/<class>/ and DATA_DIR/test/<class>/ (or val/; without either, 10%% of "
@@ -1717,6 +1923,18 @@ def parse_args(argv=None):
     return args
 
 
+def val_split_value(text):
+    """--val-split: a count of images (a whole number) or a fraction of train (0 < x < 1)."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        value = None
+    if value is None or (isinstance(value, float) and not 0 < value < 1) or (isinstance(value, int) and value < 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count of images (0 or more) nor a fraction between "
+                                         f"0 and 1")
+    return value
+
+
 def validate_args(args):
     def bad(message):
         raise UserError(message + " See python train.py --help.")
@@ -1743,6 +1961,8 @@ def validate_args(args):
         bad("--resume continues a run and --overwrite replaces it: give one of them.")
     if args.width_mult is not None and args.model not in (None, "PowerCifarNet"):
         bad(f"--width-mult applies to PowerCifarNet only; {args.model} has fixed widths.")
+    if args.patience is not None and args.patience < 1:
+        bad(f"--patience must be at least 1 epoch, got {args.patience}.")
     if args.log_every is not None and args.log_every < 1:
         bad(f"--log-every must be at least 1, got {args.log_every}.")
     if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
@@ -1768,6 +1988,8 @@ def main(argv=None):
     else:
         hw = detect_hardware(cuda=args.device == "auto")
     print_hardware(hw)
+    if args.evaluate is not None:
+        return evaluate_saved_model(args, hw)
     stage(2, "Planning")
     threads = threads_from_environment()
     resume = load_resume(args, hw, dist, threads) if args.resume is not None else None
@@ -1797,6 +2019,42 @@ def main(argv=None):
             release_out_dir(claimed, lock, created)
 
 
+def evaluate_saved_model(args, hw):
+    """--evaluate MODEL: the report of a saved model, on the data and split it was trained with, without training."""
+    path = args.evaluate
+    model, saved = load_trained_model(path)
+    missing = [key for key in ("dataset_key", "data_dir", "val_split", "seed") if key not in saved]
+    if missing:
+        raise UserError(f"--evaluate: {path} was written by an earlier version of this trainer and does not say "
+                        f"which data it was trained on ({', '.join(missing)}). Its weights still load "
+                        f"(load_trained_model); a model trained with this version can be evaluated.")
+    source = {key: saved[key] for key in ("dataset_key", "data_dir", "val_split", "seed")}
+    device = torch.device("cuda", hw.gpus[0].index) if hw.gpus else torch.device("cpu")
+    data_dir = args.data_dir or Path(source["data_dir"])
+    dataset = choose_dataset(source["dataset_key"], data_dir)
+    out_dir = args.out_dir or path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(out_dir)
+    try:
+        fetch_dataset(dataset, data_dir, 0, DOWNLOAD_WAIT_S, saved["image_size"])
+        stage(3, f"Loading {dataset.title}")
+        data, _ = load_data_to_device(dataset, data_dir, saved["image_size"], device, source["val_split"],
+                                      source["seed"])
+        if list(data.class_names) != list(saved["class_names"]):
+            raise UserError(f"--evaluate: {path} was trained on the classes {', '.join(saved['class_names'][:5])}..., "
+                            f"but {data_dir} holds {', '.join(data.class_names[:5])}...; point --data-dir at the "
+                            f"data it was trained on.")
+        stage(7, f"Evaluating {path} (epoch {saved['epoch']}) with test-time augmentation level {args.tta}")
+        model = model.to(device, memory_format=torch.channels_last)
+        reports, test_probabilities = evaluation_reports(model, data, normalization_of(saved), args.tta, None)
+        print_reports(reports)
+        save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=args.tta))
+    finally:
+        release_out_dir(out_dir, lock, created=False)
+    stage(9, f"Wrote report.json, confusion_matrix.png, misclassified.png to {out_dir}")
+    return 0
+
+
 def print_data_and_model(plan, dataset, data_dir, image_size):
     """What --dry-run and a run's first lines say of the data, and the size of the plan's network for it."""
     if dataset.key == "folder":
@@ -1823,7 +2081,8 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, ima
     seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
     torch.manual_seed(seed)
     stage(3, f"Loading {dataset.title}")
-    data, fingerprint = load_data_to_device(dataset, data_dir, image_size, torch.device(plan["device"]))
+    data, fingerprint = load_data_to_device(dataset, data_dir, image_size, torch.device(plan["device"]),
+                                            plan["val_split"], seed)
     run = build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir)
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)

@@ -1,4 +1,5 @@
 """The trainer on CIFAR-100, on an image folder and with the standard ResNets: real runs on tiny data."""
+import json
 import signal
 
 import pytest
@@ -26,6 +27,8 @@ def test_cifar100_trains_and_reports_top5_everywhere(tmp_path):
     assert best["dataset"] == "CIFAR-100" and best["num_classes"] == 100 and best["class_names"][7] == "fine_07"
     assert best["test_top5"] >= best["test_acc"]
     assert history_of(out)["final"]["test_top5"] == best["test_top5"]
+    report = json.loads((out / "report.json").read_text())["test"]  # the report names all 100 classes
+    assert report["top5"] == history_of(out)["final"]["test_top5_tta"] and len(report["per_class"]) == 100
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from conftest import load_test_split, run_trainer, start_trainer
 from tiny_cifar import write_tiny_cifar
-from train import evaluate, load_trained_model
+from train import RUN_FILES, evaluate, load_trained_model
 
 # 3 ranks: with 2, every float sum a + b is the same in any order, which would hide a resume that reduces
 # gradients in another order; 4 epochs: past STEM_BIAS_EPOCHS, where a parameter stops training.
@@ -32,8 +32,7 @@ def ddp_run(ddp_data, tmp_path_factory):
 
 def test_three_ranks_train_and_write_outputs_once(ddp_run):
     out, result = ddp_run
-    assert sorted(p.name for p in out.iterdir()) == ["best_model.pth", "last.pth", "training_curves.png",
-                                                     "training_history.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
     assert result.stdout.count("--- [1/10] Starting ---") == 1  # only rank 0 prints
     assert "DistributedDataParallel over 3 ranks" in result.stdout
     history = json.loads((out / "training_history.json").read_text())
