@@ -393,18 +393,18 @@ def image_folder_layout(dataset, data_dir):
     train_files, test_files, notes = list_images(data_dir, train_split, class_names), [], []
     # The first test split that holds class folders; one of loose files (a competition's unlabelled test/)
     # cannot be scored, so it is passed over with a warning.
-    test_split = None
+    test_split, test_classes = None, []
     for name in dataset.test_files:
         if not (data_dir / name).is_dir():
             continue
-        if not sub_folders(data_dir / name):
-            notes.append(f"{data_dir / name} holds no class folders (unlabelled images?), so it cannot be tested "
-                         f"on: not used")
-            continue
-        test_split = name
-        break
+        test_classes = sub_folders(data_dir / name)
+        if test_classes:
+            test_split = name
+            break
+        notes.append(f"{data_dir / name} holds no class folders (unlabelled images?), so it cannot be tested on: "
+                     f"not used")
     if test_split:
-        unknown = [name for name in class_folders(data_dir / test_split) if name not in class_names]
+        unknown = [name for name in test_classes if name not in class_names]
         if unknown:
             raise DataError(f"{data_dir / test_split} has class folders that {data_dir / train_split} does not have: "
                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. The model can only learn "

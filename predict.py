@@ -67,7 +67,7 @@ def find_images(paths):
             found = [os.path.normpath(os.path.join(path, f)) for f in image_files(path, path)]
             if not found:
                 problems.append((path, f"no images in this folder (files ending in {', '.join(IMAGE_EXTENSIONS)})"))
-            images += sorted(found)
+            images += found  # sorted by image_files
         else:
             problems.append((path, "no such file or folder"))
     return images, problems
@@ -115,10 +115,10 @@ def benchmark(model, checkpoint, device):
     BENCHMARK_SECONDS of passes, waiting for the GPU after each so that its queued work is counted."""
     size = checkpoint["image_size"]
     normalization = train.normalization_of(checkpoint)
-    kwargs = ", ".join(f"{k}={v}" for k, v in checkpoint["model_kwargs"].items())
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {cpu_model_name()}, torch threads: {torch.get_num_threads()}")
-    print(f"[benchmark] {checkpoint['model_name']}({kwargs}), {count_parameters(model):,} parameters, "
+    print(f"[benchmark] {train.model_text(checkpoint['model_name'], checkpoint['model_kwargs'])}, "
+          f"{count_parameters(model):,} parameters, "
           f"{size}x{size} images, on {where}", flush=True)
     for batch_size in BENCHMARK_BATCH_SIZES:
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)

@@ -74,8 +74,8 @@ WEIGHT_DECAY_PER_EXAMPLE = 2e-6  # on biases and head; Muon's filters are renorm
 # The ResNets' recipe (the model names its recipe: models.py): Nesterov SGD on every parameter, a linear
 # warm-up, then cosine decay to zero, as the ResNet papers train them. The airbench rates above are tuned
 # for CifarNet's scaled head and frozen BatchNorm scales; on a ResNet they diverge within steps (measured).
-# Batch 128 at rate 0.1: the papers' CIFAR settings (He et al. 2016); it also keeps ResNet50's activations to
-# ~6 GB on a CPU, where batch 512 needs ~23 GB (measured).
+# Batch 128 at rate 0.1: the papers' CIFAR settings (He et al. 2016); on a CPU ResNet50 needed 23.3 GB at
+# batch 500 (bench/RESULTS.md), and activation memory falls with the batch.
 SGD_BATCH_SIZE = 128
 SGD_LR = 0.1
 SGD_NESTEROV_MOMENTUM = 0.9
@@ -93,8 +93,8 @@ MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 MAX_SEED = 2**32 - 1
 
 RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
-RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png",  # what a run writes
-             "report.json", "confusion_matrix.png", "misclassified.png")  # the last three when it finishes
+REPORT_FILES = ("report.json", "confusion_matrix.png", "misclassified.png")  # when a run finishes, or --evaluate
+RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png", *REPORT_FILES)
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
 CHECKPOINT_FORMAT = 5  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
@@ -344,7 +344,8 @@ RECIPE_DEFAULTS = {
                  lr_reason="the recipe's Muon rate for the conv filters; the per-example SGD rates of biases and "
                            "head scale with it", weight_decay_reason="the recipe's, per example"),
     "sgd": dict(batch_size=SGD_BATCH_SIZE, lr=SGD_LR, weight_decay=SGD_WEIGHT_DECAY,
-                lr_reason="the recipe's peak SGD rate (the papers' 0.1 at batch 128)", weight_decay_reason="the recipe's"),
+                lr_reason="the recipe's peak SGD rate (the papers' 0.1 at batch 128)",
+                weight_decay_reason="the recipe's"),
 }
 
 
@@ -458,14 +459,18 @@ def torchrun_command(processes, gpu_ids=()):
     return f"{visible}torchrun --standalone --nproc_per_node={processes} train.py"
 
 
+def model_text(name, kwargs):
+    """How logs name a model: PowerCifarNet(width_mult=1.5), ResNet18()."""
+    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
 def print_plan(plan):
     r = plan["reasons"]
     if plan["device_ids"]:
         print(f"[gpu] using {plan['gpu_name']} x{len(plan['device_ids'])}"
               + (f" (ignored: {', '.join(plan['ignored_gpus'])})" if plan["ignored_gpus"] else ""))
     print(f"[plan] device: {plan['device']} ({r['devices']})")
-    kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
-    print(f"[plan] model: {plan['model']}({kwargs}) ({r['model']})")
+    print(f"[plan] model: {model_text(plan['model'], plan['model_kwargs'])} ({r['model']})")
     print(f"[plan] recipe: {plan['recipe']} ({r['recipe']})")
     print(f"[plan] batch size: {plan['batch_size']} ({r['batch_size']})")
     print(f"[plan] learning rate: {plan['lr']:.4g} ({r['lr']})")
@@ -501,7 +506,7 @@ def load_data_to_device(dataset, data_dir, image_size, device, val_split=0, seed
                                         for name in (*DATA_TENSORS, "val_images", "val_labels")
                                         if getattr(data, name) is not None})
     names = ", ".join(data.class_names[:10]) + (", ..." if len(data.class_names) > 10 else "")
-    validation = f", {len(data.val_images):,} validation (held out of train)" if data.val_images is not None else ""
+    validation = f", {len(data.val_images):,} validation (held out of train)" if has_validation(data) else ""
     print(f"[data] {data.source}: {len(data.train_images):,} training{validation} and {len(data.test_images):,} test "
           f"images of {image_size}x{image_size}, {len(data.class_names)} classes ({names}), on {device} in "
           f"{time.time() - t0:.1f}s")
@@ -1275,7 +1280,8 @@ def finish_run(run, data, tta):
     print_reports(reports)
     stage(8, "Saving")
     run.history["final"] = {"best_epoch": run.best_epoch, "selection": run.plan["reasons"]["selection"],
-                            "val_acc": best_row["val_acc"], "val_acc_tta": reports.get("validation", {}).get("accuracy"),
+                            "val_acc": best_row["val_acc"],
+                            "val_acc_tta": reports.get("validation", {}).get("accuracy"),
                             "test_acc": best_row["test_acc"], "test_acc_tta": test["accuracy"],
                             "test_top5": best_row["test_top5"], "test_top5_tta": test["top5"], "tta_level": tta,
                             "train_seconds": sum(r["seconds"] for r in epochs),
@@ -2028,18 +2034,17 @@ def evaluate_saved_model(args, hw):
         raise UserError(f"--evaluate: {path} was written by an earlier version of this trainer and does not say "
                         f"which data it was trained on ({', '.join(missing)}). Its weights still load "
                         f"(load_trained_model); a model trained with this version can be evaluated.")
-    source = {key: saved[key] for key in ("dataset_key", "data_dir", "val_split", "seed")}
     device = torch.device("cuda", hw.gpus[0].index) if hw.gpus else torch.device("cpu")
-    data_dir = args.data_dir or Path(source["data_dir"])
-    dataset = choose_dataset(source["dataset_key"], data_dir)
+    data_dir = args.data_dir or Path(saved["data_dir"])
+    dataset = choose_dataset(saved["dataset_key"], data_dir)
     out_dir = args.out_dir or path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_out_dir(out_dir)
     try:
         fetch_dataset(dataset, data_dir, 0, DOWNLOAD_WAIT_S, saved["image_size"])
         stage(3, f"Loading {dataset.title}")
-        data, _ = load_data_to_device(dataset, data_dir, saved["image_size"], device, source["val_split"],
-                                      source["seed"])
+        data, _ = load_data_to_device(dataset, data_dir, saved["image_size"], device, saved["val_split"],
+                                      saved["seed"])
         if list(data.class_names) != list(saved["class_names"]):
             raise UserError(f"--evaluate: {path} was trained on the classes {', '.join(saved['class_names'][:5])}..., "
                             f"but {data_dir} holds {', '.join(data.class_names[:5])}...; point --data-dir at the "
@@ -2051,7 +2056,7 @@ def evaluate_saved_model(args, hw):
         save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=args.tta))
     finally:
         release_out_dir(out_dir, lock, created=False)
-    stage(9, f"Wrote report.json, confusion_matrix.png, misclassified.png to {out_dir}")
+    stage(9, f"Wrote {', '.join(REPORT_FILES)} to {out_dir}")
     return 0
 
 
@@ -2068,8 +2073,7 @@ def print_data_and_model(plan, dataset, data_dir, image_size):
         print(f"[data] {dataset.title} in {data_dir / dataset.folder}: {num_classes} classes, "
               f"{image_size}x{image_size} images")
     model = build_model(plan["model"], num_classes=num_classes, **plan["model_kwargs"])
-    kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
-    print(f"[model] {plan['model']}({kwargs}), {count_parameters(model):,} parameters, "
+    print(f"[model] {model_text(plan['model'], plan['model_kwargs'])}, {count_parameters(model):,} parameters, "
           f"{count_macs(model, image_size) / 1e6:.0f}M multiply-adds per image")
 
 

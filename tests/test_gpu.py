@@ -378,11 +378,11 @@ def test_default_run_on_cifar10_records_its_accuracy_and_time(tmp_path, capsys):
     assert result.returncode == 0, tail(result)
     history = history_of(out)
     plan, final = history["plan"], history["final"]
-    kwargs = ", ".join(f"{k}={v}" for k, v in plan["model_kwargs"].items())
+    model = train.model_text(plan["model"], plan["model_kwargs"])
     with capsys.disabled():
-        print(f"\n[default run on CIFAR-10] {plan['gpu_name']} x{len(plan['device_ids'])}, {plan['model']}({kwargs}), "
+        print(f"\n[default run on CIFAR-10] {plan['gpu_name']} x{len(plan['device_ids'])}, {model}, "
               f"{plan['epochs']} epochs, batch {plan['batch_size']}, {plan['precision']}: test accuracy "
-              f"{final['test_acc_tta']:.2f}% with TTA {final['tta_level']} ({final['test_acc']:.2f}% plain, best "
+              f"{final['test_acc_tta']:.2f}% with TTA {final['tta_level']} ({final['test_acc']:.2f}% plain, saved "
               f"epoch {final['best_epoch']}), training {final['train_seconds']:.1f}s, whole run {wall:.0f}s",
               file=sys.stderr, flush=True)
     assert math.isfinite(final["test_acc_tta"]) and final["train_seconds"] > 0
