@@ -74,8 +74,9 @@ def find_images(paths):
 
 
 @torch.inference_mode()
-def class_probabilities(model, images_uint8, normalization):
-    """Softmax over the classes for uint8 NCHW images on the model's device, prepared as in training."""
+def batch_probabilities(model, images_uint8, normalization):
+    """Softmax over the classes for one batch of uint8 NCHW images on the model's device, prepared as in training
+    (train.class_probabilities does a whole split, in batches, backing off when out of memory)."""
     return train.predict_batch(model, images_uint8, normalization, tta=0, autocast_dtype=None).softmax(1)
 
 
@@ -98,7 +99,7 @@ def classify(model, checkpoint, device, paths, top_k, batch_size):
         if batch_images and (len(batch_images) == batch_size or index == len(paths) - 1):
             # HWC arrays stacked and permuted to NCHW are already channels_last in memory: no copy.
             images = torch.from_numpy(np.stack(batch_images)).permute(0, 3, 1, 2).to(device)
-            probabilities, classes = class_probabilities(model, images, normalization).topk(top_k, dim=1)
+            probabilities, classes = batch_probabilities(model, images, normalization).topk(top_k, dim=1)
             lines = [f"{p}: " + ", ".join(f"{class_names[c]} {100 * q:.1f}%" for q, c in zip(qs, cs))
                      for p, qs, cs in zip(batch_paths, probabilities.tolist(), classes.tolist())]
             tqdm.write("\n".join(lines), file=sys.stdout)  # tqdm.write keeps the lines clear of a progress bar
@@ -122,11 +123,11 @@ def benchmark(model, checkpoint, device):
           f"{size}x{size} images, on {where}", flush=True)
     for batch_size in BENCHMARK_BATCH_SIZES:
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
-        class_probabilities(model, images, normalization)  # the first pass allocates and picks kernels
+        batch_probabilities(model, images, normalization)  # the first pass allocates and picks kernels
         synchronize(device)
         passes, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < BENCHMARK_SECONDS:
-            class_probabilities(model, images, normalization)
+            batch_probabilities(model, images, normalization)
             synchronize(device)
             passes += 1
         print(f"[benchmark] batch size {batch_size}: {passes * batch_size / elapsed:,.1f} images/s "

@@ -158,6 +158,35 @@ def summary_table(report, split):
     return "\n".join(lines)
 
 
+# What a cross-validation's table shows of each fold (train.fold_result): key, column heading, decimals.
+FOLD_COLUMNS = (("val_acc", "val accuracy %", 2), ("val_macro_f1", "val macro-F1", 4),
+                ("val_kappa", "val kappa", 4), ("test_acc", "test accuracy %", 2))
+
+
+def cross_validation_summary(results):
+    """{key: {"mean", "std"}} over the folds for each of FOLD_COLUMNS; std is the sample standard deviation
+    (ddof=1, as the spread of an estimate from K folds is usually given); 0 for a single fold."""
+    summary = {}
+    for key, _, _ in FOLD_COLUMNS:
+        values = torch.tensor([result[key] for result in results], dtype=torch.float64)
+        summary[key] = {"mean": float(values.mean()),
+                        "std": float(values.std(correction=1)) if len(values) > 1 else 0.0}
+    return summary
+
+
+def cross_validation_table(results, summary):
+    """A Markdown table: one row per fold (its saved epoch and FOLD_COLUMNS), then mean +/- std."""
+    lines = ["| fold | saved epoch | " + " | ".join(heading for _, heading, _ in FOLD_COLUMNS) + " |",
+             "|---:|---:|" + "---:|" * len(FOLD_COLUMNS)]
+    for result in results:
+        cells = [f"{result[key]:.{decimals}f}" for key, _, decimals in FOLD_COLUMNS]
+        lines.append(f"| {result['fold']} | {result['epoch']} | " + " | ".join(cells) + " |")
+    cells = [f"{summary[key]['mean']:.{decimals}f} ± {summary[key]['std']:.{decimals}f}"
+             for key, _, decimals in FOLD_COLUMNS]
+    lines.append("| mean ± std | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def png_bytes(fig):
     import matplotlib.pyplot as plt
 

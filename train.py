@@ -95,6 +95,9 @@ MAX_SEED = 2**32 - 1
 RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
 REPORT_FILES = ("report.json", "confusion_matrix.png", "misclassified.png")  # when a run finishes, or --evaluate
 RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png", *REPORT_FILES)
+# A --folds run's own files; each fold's run is in a sub-folder fold-1/ ... fold-K/ beside them.
+CROSS_VALIDATION_FILES = ("cross_validation.json", "cross_validation.md")
+CROSS_VALIDATION_KIND = "cifar-trainer-cross-validation"
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
 CHECKPOINT_FORMAT = 5  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
@@ -201,8 +204,8 @@ def print_hardware(hw):
 
 
 def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False, model=None,
-              width_mult=None, precision=None, val_split=None, patience=None, world_size=1, local_rank=0,
-              local_world_size=1, threads=None):
+              width_mult=None, precision=None, val_split=None, patience=None, folds=None, world_size=1,
+              local_rank=0, local_world_size=1, threads=None):
     """Decide devices, model, batch size, learning rate, epochs, precision and how the saved model is chosen,
     each with its reason.
 
@@ -249,24 +252,34 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
             raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
                             f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["threads"], reasons["threads"] = plan_threads(hw, local_world_size, threads)
-    plan["val_split"], plan["patience"], reasons["selection"] = choose_selection(val_split, patience)
+    plan["val_split"], plan["patience"], reasons["selection"] = choose_selection(val_split, patience, folds)
     plan["reasons"] = reasons
     return plan
 
 
-def choose_selection(val_split, patience):
-    """(validation images as given: a count or a fraction of train, 0 for none; patience; reason). The saved model
-    is never chosen on the test set: by validation accuracy when there is a validation split, else the last epoch."""
-    if patience is not None and not val_split:
+def choose_selection(val_split, patience, folds=None):
+    """(the validation split: 0 for none, a count or a fraction of train, or fold 1 of `folds`, {"fold": 1, "folds":
+    K}, whose sibling plans cross_validate makes; patience; reason). The saved model is never chosen on the test set:
+    by validation accuracy when there is a validation split, else the last epoch."""
+    if patience is not None and not (val_split or folds):
         raise UserError(f"--patience {patience} stops when validation accuracy stops improving, and there is no "
                         f"validation split. Add one, e.g. --val-split 5000, or drop --patience.")
+    stop = f"; stop after {patience} epochs without a gain" if patience else ""
+    if folds:
+        return {"fold": 1, "folds": folds}, patience, (
+            f"per fold, the epoch of best validation accuracy ({folds}-fold cross-validation: fold k holds out the "
+            f"k-th 1/{folds} of the training images, stratified by class{stop})")
     if not val_split:
         return 0, None, ("the last epoch (no validation split: the learning rate decays to zero at the end, and "
                          "the test set is only reported, never used to choose)")
     size = f"{val_split:.0%} of" if isinstance(val_split, float) else f"{val_split:,}"
-    stop = f"; stop after {patience} epochs without a gain" if patience else ""
     return val_split, patience, (f"the epoch of best validation accuracy ({size} training images held out, "
                                  f"stratified by class{stop})")
+
+
+def folds_of(plan):
+    """K for a plan of K-fold cross-validation, else 0."""
+    return plan["val_split"]["folds"] if isinstance(plan["val_split"], dict) else 0
 
 
 def choose_devices(hw, disable_auto):
@@ -413,7 +426,7 @@ def plan_for_flags(args, hw, dist, threads=None):
     """A new run's plan: make_plan with the user's flags, for this process's place under torchrun."""
     return make_plan(hw, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      disable_auto=args.disable_auto, model=args.model, width_mult=args.width_mult,
-                     precision=args.precision, val_split=args.val_split, patience=args.patience,
+                     precision=args.precision, val_split=args.val_split, patience=args.patience, folds=args.folds,
                      world_size=dist.world_size, local_rank=dist.local_rank,
                      local_world_size=dist.local_world_size, threads=threads)
 
@@ -495,36 +508,53 @@ def print_plan(plan):
 DATA_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")  # the splits as loaded
 
 
-def load_data_to_device(dataset, data_dir, image_size, device, val_split=0, seed=0):
-    """The whole dataset (fetched beforehand by fetch_dataset), its validation split held out of train, moved
-    once to the training device. Returns the data (datasets.LoadedData) and the fingerprint of the data as loaded."""
+def load_data(dataset, data_dir, image_size):
+    """The whole dataset (fetched beforehand by fetch_dataset) as CPU tensors, and its fingerprint. A
+    cross-validation loads it once and places it for each fold."""
     t0 = time.time()
     data = load_dataset(dataset, data_dir, image_size)
-    fingerprint = data_fingerprint(data)
+    names = ", ".join(data.class_names[:10]) + (", ..." if len(data.class_names) > 10 else "")
+    print(f"[data] {data.source}: {len(data.train_images):,} training and {len(data.test_images):,} test images of "
+          f"{image_size}x{image_size}, {len(data.class_names)} classes ({names}), read in {time.time() - t0:.1f}s")
+    return data, data_fingerprint(data)
+
+
+def place_data(data, val_split, seed, device):
+    """The run's data on its training device: the validation split (if any) held out of train, and every split
+    moved there once."""
     data = hold_out_validation(data, val_split, seed)
     data = dataclasses.replace(data, **{name: getattr(data, name).to(device)
                                         for name in (*DATA_TENSORS, "val_images", "val_labels")
                                         if getattr(data, name) is not None})
-    names = ", ".join(data.class_names[:10]) + (", ..." if len(data.class_names) > 10 else "")
-    validation = f", {len(data.val_images):,} validation (held out of train)" if has_validation(data) else ""
-    print(f"[data] {data.source}: {len(data.train_images):,} training{validation} and {len(data.test_images):,} test "
-          f"images of {image_size}x{image_size}, {len(data.class_names)} classes ({names}), on {device} in "
-          f"{time.time() - t0:.1f}s")
-    return data, fingerprint
+    if has_validation(data):
+        which = (f"fold {val_split['fold']} of {val_split['folds']}, " if isinstance(val_split, dict) else
+                 f"{val_split:.0%}, " if isinstance(val_split, float) else "")
+        print(f"[data] {len(data.train_images):,} training and {len(data.val_images):,} validation images (held out "
+              f"of train: {which}stratified by class), on {device}")
+    return data
 
 
 def hold_out_validation(data, val_split, seed):
-    """Move val_split training images (a count, or a fraction of train) into the validation split: the first
-    ones of stratified_order, so every class gives its share. 0: no validation split."""
+    """Move the validation split out of train: a stretch of stratified_order, so that every class gives its share.
+    val_split: 0 (none), a count or a fraction of train (its first images), or fold k of K-fold cross-validation,
+    {"fold": k, "folds": K} (its k-th of K equal stretches: the K folds are disjoint and cover train)."""
     if not val_split:
         return data
-    count = round(val_split * len(data.train_labels)) if isinstance(val_split, float) else val_split
-    if not 0 < count < len(data.train_labels):
-        raise UserError(f"--val-split {val_split} holds out {count} of the {len(data.train_labels):,} training "
-                        f"images; it must leave some to train on and hold out at least one. Give a count below "
-                        f"{len(data.train_labels):,} or a fraction such as 0.1.")
-    held_out = stratified_order(data.train_labels, seed)[:count]
-    keep = torch.ones(len(data.train_labels), dtype=torch.bool)
+    count = len(data.train_labels)
+    if isinstance(val_split, dict):
+        fold, folds = val_split["fold"], val_split["folds"]
+        start, stop = (fold - 1) * count // folds, fold * count // folds
+        if start == stop:
+            raise UserError(f"--folds {folds}: {count:,} training images cannot make {folds} folds of at least one "
+                            f"image each. Use fewer folds.")
+    else:
+        start, stop = 0, round(val_split * count) if isinstance(val_split, float) else val_split
+        if not 0 < stop < count:
+            raise UserError(f"--val-split {val_split} holds out {stop} of the {count:,} training images; it must "
+                            f"leave some to train on and hold out at least one. Give a count below {count:,} or a "
+                            f"fraction such as 0.1.")
+    held_out = stratified_order(data.train_labels, seed)[start:stop]
+    keep = torch.ones(count, dtype=torch.bool)
     keep[held_out] = False
     # Extra labels (CIFAR-100's coarse ones) follow the training images that stay; nothing trains on them.
     extra = {key: (train[keep], test) for key, (train, test) in data.extra_labels.items()}
@@ -1356,7 +1386,7 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
             out_dir.mkdir(parents=True)
             created = True
         lock = lock_out_dir(out_dir)
-        found = [name for name in RUN_FILES if (out_dir / name).exists()]
+        found = previous_run(out_dir)
         if found and not resuming and not overwrite:
             raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
                             f"--out-dir {out_dir}, replace it with --overwrite, or leave out --out-dir to start "
@@ -1379,8 +1409,14 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
         raise
 
 
+def previous_run(folder):
+    """What an earlier run left in folder: its files, or a cross-validation's and its fold folders."""
+    return [name for name in (*RUN_FILES, *CROSS_VALIDATION_FILES) if (folder / name).exists()] + \
+        sorted(f"{fold.name}/" for fold in folder.glob("fold-*") if fold.is_dir())
+
+
 def holds_run(folder):
-    return any((folder / name).exists() for name in RUN_FILES)
+    return bool(previous_run(folder))
 
 
 def new_run_folder(runs_dir, prefix):
@@ -1436,9 +1472,17 @@ def release_out_dir(out_dir, lock, created):
 
 
 def remove_previous_run(out_dir):
-    """--overwrite: the old run's files go once the new run is ready to train, so no mix of two runs remains."""
-    for name in RUN_FILES:
+    """--overwrite: the old run's files go once the new run is ready to train, so no mix of two runs remains
+    (a cross-validation's fold folders too, unless something else was put in them)."""
+    for name in (*RUN_FILES, *CROSS_VALIDATION_FILES):
         (out_dir / name).unlink(missing_ok=True)
+    for fold in out_dir.glob("fold-*"):
+        if fold.is_dir():
+            remove_previous_run(fold)
+            try:
+                fold.rmdir()
+            except OSError:
+                pass
 
 
 def save_outputs(run, best=None, state=None):
@@ -1666,10 +1710,12 @@ class Resume:
     changes: list  # what differs on this machine, said at start and recorded in the history
 
 
-def load_resume(args, hw, dist, threads):
-    """The run to continue (--resume), checked against the flags given and placed on this machine."""
-    path = Path(args.resume) if args.resume else args.out_dir / "last.pth"
-    state = load_resume_state(path)
+def load_resume(args, hw, dist, threads, path=None):
+    """The run to continue (--resume, or `path`: a fold's last.pth), checked against the flags given and placed on
+    this machine. A cross-validation continues from its cross_validation.json."""
+    path = path or resume_path(args)
+    cross_validation = path.name == CROSS_VALIDATION_FILES[0]
+    state = load_cross_validation_state(path) if cross_validation else load_resume_state(path)
     saved = state["plan"]
     check_resume_matches_flags(args, path, state)
     if saved["world_size"] != dist.world_size:
@@ -1677,10 +1723,42 @@ def load_resume(args, hw, dist, threads):
                         f"{dist.world_size}. Resume it as it was started "
                         f"({'plain python' if saved['world_size'] == 1 else 'torchrun with that many processes'}).")
     plan, changes = place_resumed_plan(saved, hw, dist.world_size, dist.local_rank, dist.local_world_size, threads)
-    print(f"[resume] continuing {path} from epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}")
+    if cross_validation:
+        done = sum(result is not None for result in state["results"])
+        print(f"[resume] continuing the cross-validation {path}: {done} of {state['folds']} folds done")
+    else:
+        print(f"[resume] continuing {path} from epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}")
     for change in changes:
         print(f"[resume] on this machine: {change}")
     return Resume(path, state, plan, changes)
+
+
+def resume_path(args):
+    """What --resume continues: PATH or OUT_DIR/last.pth; for a cross-validation's folder or one of its folds'
+    last.pth, the cross-validation's state (it knows which fold to continue)."""
+    path = Path(args.resume) if args.resume else args.out_dir / "last.pth"
+    in_fold = path.parent.name.startswith("fold-")
+    cross_validation = (path.parent.parent if in_fold else path.parent) / CROSS_VALIDATION_FILES[0]
+    if not cross_validation.is_file():
+        return path
+    if in_fold:
+        print(f"[resume] {path} is one fold of the cross-validation in {cross_validation.parent}: continuing that")
+    return cross_validation
+
+
+def load_cross_validation_state(path):
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: {path} could not be read ({type(e).__name__}: {e}). It is the state of a "
+                        f"cross-validation; if it was damaged, the finished folds' folders still hold their models "
+                        f"and reports: start the cross-validation again in another --out-dir.") from None
+    if not isinstance(state, dict) or state.get("kind") != CROSS_VALIDATION_KIND \
+            or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"--resume: {path} is not the state of a cross-validation of this version of the trainer "
+                        f"(checkpoint format {CHECKPOINT_FORMAT}). Start the cross-validation again in another "
+                        f"--out-dir.")
+    return state
 
 
 def load_resume_state(path):
@@ -1739,7 +1817,8 @@ def check_resume_matches_flags(args, path, state):
              "--precision": (args.precision, plan["precision"]),
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
              "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"]),
-             "--val-split": (args.val_split, plan["val_split"]), "--patience": (args.patience, plan["patience"])}
+             "--val-split": (args.val_split, plan["val_split"]), "--patience": (args.patience, plan["patience"]),
+             "--folds": (args.folds, folds_of(plan))}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
             raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
@@ -1883,10 +1962,16 @@ def parse_args(argv=None):
     p.add_argument("--val-split", type=val_split_value, default=None, metavar="N",
                    help="hold out N training images (a count, or a fraction such as 0.1), stratified by class, to "
                         "choose the saved model: the epoch of best validation accuracy. Default 0: the last epoch "
-                        "is saved, since the learning rate decays to zero at the end and held-out images are images "
-                        "not trained on; the test set is only ever reported (see README, Honest numbers)")
+                        "is saved, since the learning rate decays to zero at the end; measured on the default plan, "
+                        "validation chose the last epoch too, so held-out images were only images not trained on. "
+                        "The test set is only ever reported (see README, Honest numbers)")
     p.add_argument("--patience", type=int, default=None, metavar="K",
-                   help="stop after K epochs without a gain in validation accuracy (needs --val-split)")
+                   help="stop after K epochs without a gain in validation accuracy (needs --val-split or --folds)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="K-fold cross-validation: train K models, the k-th validated on the k-th 1/K of the training "
+                        "images (stratified by class, fixed by --seed) and saved at its best validation epoch, each "
+                        "in OUT_DIR/fold-k/; then print and save (cross_validation.json and .md) their validation "
+                        "accuracy, macro-F1, kappa and test accuracy, per fold and mean ± std. Resumable")
     p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL",
                    help="no training: write the report (report.json, confusion_matrix.png, misclassified.png) of a "
                         "saved best_model.pth on its own dataset, into its folder (or --out-dir)")
@@ -1967,6 +2052,10 @@ def validate_args(args):
         bad("--resume continues a run and --overwrite replaces it: give one of them.")
     if args.width_mult is not None and args.model not in (None, "PowerCifarNet"):
         bad(f"--width-mult applies to PowerCifarNet only; {args.model} has fixed widths.")
+    if args.folds is not None and args.folds < 2:
+        bad(f"--folds must be at least 2, got {args.folds}.")
+    if args.folds is not None and args.val_split:
+        bad("--folds K holds out each fold in turn as the validation split; --val-split cannot be given with it.")
     if args.patience is not None and args.patience < 1:
         bad(f"--patience must be at least 1 epoch, got {args.patience}.")
     if args.log_every is not None and args.log_every < 1:
@@ -2012,14 +2101,28 @@ def main(argv=None):
         print("[dry-run] nothing trained, no data touched")
         return 0
     out_dir = args.out_dir or (resume.path.parent if resume else None)
-    claimed, lock, created = claim_out_dir(out_dir, resume is not None, args.overwrite, dataset.run_prefix) \
+    run_prefix = dataset.run_prefix + ("cv-" if folds_of(plan) else "")  # runs/cifar10-001, runs/cifar10-cv-001
+    claimed, lock, created = claim_out_dir(out_dir, resume is not None, args.overwrite, run_prefix) \
         if dist.is_main else (None, None, False)
     try:
         fetch_dataset(dataset, data_dir, dist.local_rank, DOWNLOAD_WAIT_S, image_size, dist.local_world_size)
         dist.init_process_group(plan)
         out_dir = dist.broadcast_object(claimed)
         print(f"[run] outputs go to {out_dir}")
-        return train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, image_size)
+        torch.set_num_threads(plan["threads"])
+        if plan["device"] == "cpu":
+            keep_freed_memory()
+        seed = resume.state["seed"] if resume else (args.seed if args.seed is not None else random.randrange(2**31))
+        seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
+        stage(3, f"Loading {dataset.title}")
+        data, fingerprint = load_data(dataset, data_dir, image_size)
+        if folds_of(plan):
+            code = cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
+                                  threads)
+        else:
+            code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed)
+        dist.close()
+        return code
     finally:
         if dist.is_main:
             release_out_dir(claimed, lock, created)
@@ -2043,8 +2146,8 @@ def evaluate_saved_model(args, hw):
     try:
         fetch_dataset(dataset, data_dir, 0, DOWNLOAD_WAIT_S, saved["image_size"])
         stage(3, f"Loading {dataset.title}")
-        data, _ = load_data_to_device(dataset, data_dir, saved["image_size"], device, saved["val_split"],
-                                      saved["seed"])
+        data, _ = load_data(dataset, data_dir, saved["image_size"])
+        data = place_data(data, saved["val_split"], saved["seed"], device)
         if list(data.class_names) != list(saved["class_names"]):
             raise UserError(f"--evaluate: {path} was trained on the classes {', '.join(saved['class_names'][:5])}..., "
                             f"but {data_dir} holds {', '.join(data.class_names[:5])}...; point --data-dir at the "
@@ -2077,33 +2180,29 @@ def print_data_and_model(plan, dataset, data_dir, image_size):
           f"{count_macs(model, image_size) / 1e6:.0f}M multiply-adds per image")
 
 
-def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, image_size):
-    torch.set_num_threads(plan["threads"])
-    if plan["device"] == "cpu":
-        keep_freed_memory()
-    seed = resume.state["seed"] if resume else (args.seed if args.seed is not None else random.randrange(2**31))
-    seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
+def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed):
+    """Train one model as planned (or continue `resume`) on `data` (all of it, as loaded), save it and its report.
+    Returns the exit code: 0 when finished, a signal's code when stopped (last.pth then holds where it stood)."""
     torch.manual_seed(seed)
-    stage(3, f"Loading {dataset.title}")
-    data, fingerprint = load_data_to_device(dataset, data_dir, image_size, torch.device(plan["device"]),
-                                            plan["val_split"], seed)
-    run = build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir)
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)
+    run_data = place_data(data, plan["val_split"], seed, torch.device(plan["device"]))
+    run = build_run(args, hw, plan, dataset, run_data, fingerprint, seed, dist, out_dir, data_dir)
+    if resume:
         restore_run(run, resume.state)
         run.history["plan"] = plan
         run.history["events"].append({"resumed": str(resume.path), "at_epoch": run.start_epoch,
                                       "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                       "changes": resume.changes})
-    elif args.overwrite and dist.is_main:
+    elif (args.overwrite or folds_of(plan)) and dist.is_main:  # a fold's folder is its cross-validation's own
         remove_previous_run(out_dir)
     run.stop.install()
     stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
     try:
-        completed = train_loop(run, data)
+        completed = train_loop(run, run_data)
         if completed:
             run.stop.finishing = True  # every epoch is saved: a stop from here on need not wait for anything
-            finish_run(run, data, args.tta)
+            finish_run(run, run_data, args.tta)
     except Interrupted as stop:
         completed, run.stop.signal = False, stop.signum
         if dist.is_main:
@@ -2111,11 +2210,93 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, ima
                   f"and saved in {out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
                   file=sys.stderr)
     if not completed and dist.is_main:
-        launcher = "python train.py" if dist.world_size == 1 else torchrun_command(dist.local_world_size)
-        print(f"[stop] saved {out_dir / 'last.pth'}. Resume with: {launcher} --resume {out_dir / 'last.pth'}",
-              file=sys.stderr)
-    dist.close()
+        # A fold continues through its cross-validation (the folder above), which knows the folds still to train.
+        command = resume_command(dist, out_dir.parent, True) if folds_of(plan) else resume_command(dist, out_dir)
+        print(f"[stop] saved {out_dir / 'last.pth'}. Resume with: {command}", file=sys.stderr)
     return 0 if completed else exit_code_for(run.stop.signal)
+
+
+def resume_command(dist, out_dir, cross_validation=False):
+    """How to continue the run in out_dir: a single run from its last.pth, a cross-validation from its folder."""
+    launcher = "python train.py" if dist.world_size == 1 else torchrun_command(dist.local_world_size)
+    return f"{launcher} --resume " + (f"--out-dir {out_dir}" if cross_validation else str(out_dir / "last.pth"))
+
+
+def cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed, threads):
+    """--folds K: K models, the k-th validated on the k-th stratified K-th of train and saved in out_dir/fold-k/,
+    then a table of their validation and test scores. The cross-validation's state (cross_validation.json, one dict)
+    is saved before the first fold and after each; a resumed one skips the folds done and continues the fold in
+    progress from its last.pth. Returns the exit code, as train_and_save."""
+    folds = folds_of(plan)
+    if resume:
+        check_resume_data(resume.path, resume.state, fingerprint, data_dir)
+        state = resume.state
+    else:
+        state = {"kind": CROSS_VALIDATION_KIND, "format": CHECKPOINT_FORMAT, "folds": folds, "seed": seed,
+                 "plan": plan, "dataset": dataset.key, "data_dir": str(data_dir.resolve()),
+                 "image_size": data.train_images.shape[-1], "data_fingerprint": fingerprint,
+                 "results": [None] * folds, "summary": None}
+        if dist.is_main:
+            if args.overwrite:
+                remove_previous_run(out_dir)
+            save_cross_validation(out_dir, state)
+    try:
+        for fold in range(1, folds + 1):
+            folder = out_dir / f"fold-{fold}"
+            if state["results"][fold - 1] is not None:
+                print(f"[cv] fold {fold}/{folds}: done before, in {folder}")
+                continue
+            print(f"=== fold {fold} of {folds}, in {folder} ===", flush=True)
+            if dist.is_main:
+                folder.mkdir(exist_ok=True)
+            last = folder / "last.pth"
+            fold_resume = load_resume(args, hw, dist, threads, last) if dist.broadcast_object(last.is_file()) else None
+            fold_plan = fold_resume.plan if fold_resume else dict(plan, val_split={"fold": fold, "folds": folds})
+            code = train_and_save(args, hw, fold_plan, fold_resume, dist, folder, dataset, data_dir, data,
+                                  fingerprint, seed)
+            if code:
+                return code
+            if dist.is_main:
+                state["results"][fold - 1] = fold_result(folder, fold)
+                save_cross_validation(out_dir, state)
+    except Interrupted as stop:  # between folds, where the last fold's handler (nothing left to save) still stands
+        if dist.is_main:
+            print(f"\n[stop] {signal.Signals(stop.signum).name} between folds: every finished fold is saved in "
+                  f"{out_dir}. Resume with: {resume_command(dist, out_dir, True)}", file=sys.stderr)
+        return exit_code_for(stop.signum)
+    if dist.is_main:
+        state["summary"] = report.cross_validation_summary(state["results"])
+        save_cross_validation(out_dir, state)
+        print(cross_validation_text(state))
+        print(f"[cv] wrote {', '.join(CROSS_VALIDATION_FILES)} and fold-1/ ... fold-{folds}/ to {out_dir}")
+    return 0
+
+
+def fold_result(folder, fold):
+    """A finished fold's line of the cross-validation table, from the report it wrote."""
+    written = json.loads((folder / "report.json").read_text())
+    validation, test = written["validation"], written["test"]
+    return {"fold": fold, "epoch": written["model"]["epoch"], "val_images": validation["images"],
+            "val_acc": validation["accuracy"], "val_macro_f1": validation["macro"]["f1"],
+            "val_kappa": validation["cohen_kappa"], "test_acc": test["accuracy"], "tta_level": written["model"]["tta_level"]}
+
+
+def save_cross_validation(out_dir, state):
+    """cross_validation.json (the state, results and summary) and, once every fold is done, cross_validation.md."""
+    save_json(state, out_dir / CROSS_VALIDATION_FILES[0])
+    if state["summary"] is not None:
+        atomic_write(out_dir / CROSS_VALIDATION_FILES[1], cross_validation_text(state).encode())
+
+
+def cross_validation_text(state):
+    """The finished cross-validation as Markdown: what was trained, and the table."""
+    plan, results = state["plan"], state["results"]
+    tta = ", ".join(sorted({str(result["tta_level"]) for result in results}))
+    return (f"# {state['folds']}-fold cross-validation\n\n"
+            f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs, seed {state['seed']}, data "
+            f"{state['data_dir']}. Each fold's model is its epoch of best validation accuracy; the scores are with "
+            f"test-time augmentation level {tta}; std is the sample standard deviation over the folds.\n\n"
+            f"{report.cross_validation_table(results, state['summary'])}\n")
 
 
 def cli():

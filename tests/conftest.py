@@ -113,6 +113,7 @@ def build_tiny_run(tiny_data, out_dir, batch_size, *extra_flags):
     hw, dist = train.Hardware((), 1), train.Dist()
     plan = train.plan_for_flags(args, hw, dist)
     dataset = train.DATASETS["cifar10"]
-    data, fingerprint = train.load_data_to_device(dataset, args.data_dir, 32, torch.device("cpu"), plan["val_split"], 0)
+    data, fingerprint = train.load_data(dataset, args.data_dir, 32)
+    data = train.place_data(data, plan["val_split"], 0, torch.device("cpu"))
     run = train.build_run(args, hw, plan, dataset, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
     return run, data

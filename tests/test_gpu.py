@@ -55,7 +55,8 @@ def build_gpu_run(data_dir, out_dir, batch_size, *extra_flags, gpus):
     plan = train.plan_for_flags(args, hw, dist)
     torch.manual_seed(0)
     dataset = train.DATASETS["cifar10"]
-    data, fingerprint = train.load_data_to_device(dataset, args.data_dir, 32, torch.device(plan["device"]))
+    data, fingerprint = train.load_data(dataset, args.data_dir, 32)
+    data = train.place_data(data, 0, 0, torch.device(plan["device"]))
     run = train.build_run(args, hw, plan, dataset, data, fingerprint, 0, dist, Path(out_dir), args.data_dir)
     return run, data
 
