@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -95,9 +96,13 @@ MAX_SEED = 2**32 - 1
 RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
 REPORT_FILES = ("report.json", "confusion_matrix.png", "misclassified.png")  # when a run finishes, or --evaluate
 RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png", *REPORT_FILES)
-# A --folds run's own files; each fold's run is in a sub-folder fold-1/ ... fold-K/ beside them.
-CROSS_VALIDATION_FILES = ("cross_validation.json", "cross_validation.md")
+# A --folds run's own files; each fold's run is in a sub-folder fold-1/ ... fold-K/ beside them (fold_folder).
+CROSS_VALIDATION_STATE = "cross_validation.json"  # what --resume continues: the plan, the seed, each fold's result
+CROSS_VALIDATION_TABLE = "cross_validation.md"
+CROSS_VALIDATION_FILES = (CROSS_VALIDATION_STATE, CROSS_VALIDATION_TABLE)
 CROSS_VALIDATION_KIND = "cifar-trainer-cross-validation"
+CROSS_VALIDATION_FORMAT = 1  # cross_validation.json's layout
+FOLD_FOLDER = re.compile(r"fold-\d+")
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
 CHECKPOINT_FORMAT = 5  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
@@ -846,7 +851,7 @@ class Run:
 
 
 
-def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir):
+def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir, stop=None):
     device = torch.device(plan["device"])
     stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
@@ -876,7 +881,7 @@ def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, d
                history={"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
                         "dataset": {"name": dataset.title, "source": data.source, "classes": list(data.class_names),
                                     "notes": data.notes}, "epochs": [], "events": []},
-               stop=StopRequest(), epoch_sums=torch.zeros(4, device=device),
+               stop=stop or StopRequest(), epoch_sums=torch.zeros(4, device=device),
                nonfinite_steps=torch.zeros((), device=device))
 
 
@@ -1412,7 +1417,16 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
 def previous_run(folder):
     """What an earlier run left in folder: its files, or a cross-validation's and its fold folders."""
     return [name for name in (*RUN_FILES, *CROSS_VALIDATION_FILES) if (folder / name).exists()] + \
-        sorted(f"{fold.name}/" for fold in folder.glob("fold-*") if fold.is_dir())
+        [f"{fold.name}/" for fold in fold_folders(folder)]
+
+
+def fold_folder(out_dir, fold):
+    """Where fold `fold` (1..K) of a cross-validation in out_dir keeps its run."""
+    return out_dir / f"fold-{fold}"
+
+
+def fold_folders(folder):
+    return sorted(path for path in folder.glob("fold-*") if FOLD_FOLDER.fullmatch(path.name) and path.is_dir())
 
 
 def holds_run(folder):
@@ -1472,17 +1486,17 @@ def release_out_dir(out_dir, lock, created):
 
 
 def remove_previous_run(out_dir):
-    """--overwrite: the old run's files go once the new run is ready to train, so no mix of two runs remains
-    (a cross-validation's fold folders too, unless something else was put in them)."""
+    """What --overwrite replaces, and a fold starting afresh in its folder: the earlier run's files go once the new
+    run is ready to train, so no mix of two runs remains (a cross-validation's fold folders too, unless something
+    else was put in them)."""
     for name in (*RUN_FILES, *CROSS_VALIDATION_FILES):
         (out_dir / name).unlink(missing_ok=True)
-    for fold in out_dir.glob("fold-*"):
-        if fold.is_dir():
-            remove_previous_run(fold)
-            try:
-                fold.rmdir()
-            except OSError:
-                pass
+    for fold in fold_folders(out_dir):
+        remove_previous_run(fold)
+        try:
+            fold.rmdir()
+        except OSError:
+            pass
 
 
 def save_outputs(run, best=None, state=None):
@@ -1703,7 +1717,8 @@ def restore_rng_states(states):
 
 @dataclass(frozen=True)
 class Resume:
-    """A run to continue: its last.pth, the state read from it, and its plan placed on this machine."""
+    """A run to continue: its last.pth (a cross-validation's: its cross_validation.json), the state read from it, and
+    its plan placed on this machine."""
     path: Path
     state: dict
     plan: dict
@@ -1713,10 +1728,18 @@ class Resume:
 def load_resume(args, hw, dist, threads, path=None):
     """The run to continue (--resume, or `path`: a fold's last.pth), checked against the flags given and placed on
     this machine. A cross-validation continues from its cross_validation.json."""
-    path = path or resume_path(args)
-    cross_validation = path.name == CROSS_VALIDATION_FILES[0]
+    asked_by_user, path = path is None, path or resume_path(args)
+    cross_validation = path.name == CROSS_VALIDATION_STATE
     state = load_cross_validation_state(path) if cross_validation else load_resume_state(path)
     saved = state["plan"]
+    if asked_by_user and not cross_validation and folds_of(saved):
+        raise UserError(f"--resume: {path} is fold {saved['val_split']['fold']} of a {folds_of(saved)}-fold "
+                        f"cross-validation, and {path.parent.parent / CROSS_VALIDATION_STATE}, which knows the other "
+                        f"folds, is missing. A fold continues only within its cross-validation: put that file back "
+                        f"and resume its folder, or start a new run.")
+    if args.folds and not folds_of(saved):
+        raise UserError(f"--resume: {path} is a single run, not a cross-validation. Drop --folds to continue it, or "
+                        f"start the cross-validation in another --out-dir.")
     check_resume_matches_flags(args, path, state)
     if saved["world_size"] != dist.world_size:
         raise UserError(f"--resume: {path} is a run of {saved['world_size']} process(es) and this is "
@@ -1737,13 +1760,12 @@ def resume_path(args):
     """What --resume continues: PATH or OUT_DIR/last.pth; for a cross-validation's folder or one of its folds'
     last.pth, the cross-validation's state (it knows which fold to continue)."""
     path = Path(args.resume) if args.resume else args.out_dir / "last.pth"
-    in_fold = path.parent.name.startswith("fold-")
-    cross_validation = (path.parent.parent if in_fold else path.parent) / CROSS_VALIDATION_FILES[0]
-    if not cross_validation.is_file():
-        return path
-    if in_fold:
-        print(f"[resume] {path} is one fold of the cross-validation in {cross_validation.parent}: continuing that")
-    return cross_validation
+    if (path.parent / CROSS_VALIDATION_STATE).is_file():
+        return path.parent / CROSS_VALIDATION_STATE
+    if FOLD_FOLDER.fullmatch(path.parent.name) and (path.parent.parent / CROSS_VALIDATION_STATE).is_file():
+        print(f"[resume] {path} is one fold of the cross-validation in {path.parent.parent}: continuing that")
+        return path.parent.parent / CROSS_VALIDATION_STATE
+    return path
 
 
 def load_cross_validation_state(path):
@@ -1754,10 +1776,9 @@ def load_cross_validation_state(path):
                         f"cross-validation; if it was damaged, the finished folds' folders still hold their models "
                         f"and reports: start the cross-validation again in another --out-dir.") from None
     if not isinstance(state, dict) or state.get("kind") != CROSS_VALIDATION_KIND \
-            or state.get("format") != CHECKPOINT_FORMAT:
+            or state.get("format") != CROSS_VALIDATION_FORMAT:
         raise UserError(f"--resume: {path} is not the state of a cross-validation of this version of the trainer "
-                        f"(checkpoint format {CHECKPOINT_FORMAT}). Start the cross-validation again in another "
-                        f"--out-dir.")
+                        f"(format {CROSS_VALIDATION_FORMAT}). Start the cross-validation again in another --out-dir.")
     return state
 
 
@@ -1817,7 +1838,7 @@ def check_resume_matches_flags(args, path, state):
              "--precision": (args.precision, plan["precision"]),
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
              "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"]),
-             "--val-split": (args.val_split, plan["val_split"]), "--patience": (args.patience, plan["patience"]),
+             "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]), "--patience": (args.patience, plan["patience"]),
              "--folds": (args.folds, folds_of(plan))}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
@@ -1958,7 +1979,8 @@ def parse_args(argv=None):
                    help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
                         "(default: 2)")
     p.add_argument("--seed", type=int, default=None,
-                   help="random seed; fixes a CPU run exactly, and which images --val-split holds out (default: random)")
+                   help="random seed; fixes a CPU run exactly, and which images --val-split or --folds hold out "
+                        "(default: random)")
     p.add_argument("--val-split", type=val_split_value, default=None, metavar="N",
                    help="hold out N training images (a count, or a fraction such as 0.1), stratified by class, to "
                         "choose the saved model: the epoch of best validation accuracy. Default 0: the last epoch "
@@ -2100,7 +2122,10 @@ def main(argv=None):
     if args.dry_run or args.simulate_gpus is not None:
         print("[dry-run] nothing trained, no data touched")
         return 0
-    out_dir = args.out_dir or (resume.path.parent if resume else None)
+    if resume and resume.path.name == CROSS_VALIDATION_STATE:
+        out_dir = resume.path.parent  # also when --out-dir named one of its fold folders
+    else:
+        out_dir = args.out_dir or (resume.path.parent if resume else None)
     run_prefix = dataset.run_prefix + ("cv-" if folds_of(plan) else "")  # runs/cifar10-001, runs/cifar10-cv-001
     claimed, lock, created = claim_out_dir(out_dir, resume is not None, args.overwrite, run_prefix) \
         if dist.is_main else (None, None, False)
@@ -2112,20 +2137,28 @@ def main(argv=None):
         torch.set_num_threads(plan["threads"])
         if plan["device"] == "cpu":
             keep_freed_memory()
-        seed = resume.state["seed"] if resume else (args.seed if args.seed is not None else random.randrange(2**31))
-        seed = dist.broadcast_object(seed)  # every rank must draw the same permutations
+        seed = dist.broadcast_object(choose_seed(args, resume))  # every rank must draw the same permutations
         stage(3, f"Loading {dataset.title}")
         data, fingerprint = load_data(dataset, data_dir, image_size)
         if folds_of(plan):
             code = cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
                                   threads)
         else:
-            code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed)
+            data = place_data(data, plan["val_split"], seed, torch.device(plan["device"]))  # the loaded copy goes
+            code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
+                                  args.tta)
         dist.close()
         return code
     finally:
         if dist.is_main:
             release_out_dir(claimed, lock, created)
+
+
+def choose_seed(args, resume):
+    """The resumed run's seed, --seed, or a random one."""
+    if resume:
+        return resume.state["seed"]
+    return args.seed if args.seed is not None else random.randrange(2**31)
 
 
 def evaluate_saved_model(args, hw):
@@ -2180,14 +2213,16 @@ def print_data_and_model(plan, dataset, data_dir, image_size):
           f"{count_macs(model, image_size) / 1e6:.0f}M multiply-adds per image")
 
 
-def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed):
-    """Train one model as planned (or continue `resume`) on `data` (all of it, as loaded), save it and its report.
-    Returns the exit code: 0 when finished, a signal's code when stopped (last.pth then holds where it stood)."""
+def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed, tta,
+                   stop=None):
+    """Train one model as planned (or continue `resume`) on `data` (placed: place_data), save it and its report,
+    evaluated with test-time augmentation level `tta`. `stop`: a StopRequest to carry on (a cross-validation's, which
+    spans its folds), else a new one. Returns the exit code: 0 when finished, a signal's code when stopped (last.pth
+    then holds where it stood)."""
     torch.manual_seed(seed)
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)
-    run_data = place_data(data, plan["val_split"], seed, torch.device(plan["device"]))
-    run = build_run(args, hw, plan, dataset, run_data, fingerprint, seed, dist, out_dir, data_dir)
+    run = build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir, stop)
     if resume:
         restore_run(run, resume.state)
         run.history["plan"] = plan
@@ -2199,19 +2234,21 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
     run.stop.install()
     stage(6, f"Training for {plan['epochs']} epochs, {len(run.train_batches)} steps each")
     try:
-        completed = train_loop(run, run_data)
+        completed = train_loop(run, data)
         if completed:
             run.stop.finishing = True  # every epoch is saved: a stop from here on need not wait for anything
-            finish_run(run, run_data, args.tta)
-    except Interrupted as stop:
-        completed, run.stop.signal = False, stop.signum
+            finish_run(run, data, tta)
+            run.stop.finishing = False  # all saved: a stop is only noted now (a cross-validation checks it)
+    except Interrupted as interrupted:
+        completed, run.stop.signal = False, interrupted.signum
         if dist.is_main:
-            print(f"\n[stop] {signal.Signals(stop.signum).name} during the final evaluation: training is complete "
-                  f"and saved in {out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
+            print(f"\n[stop] {signal.Signals(interrupted.signum).name} during the final evaluation: training is "
+                  f"complete and saved in {out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
                   file=sys.stderr)
     if not completed and dist.is_main:
         # A fold continues through its cross-validation (the folder above), which knows the folds still to train.
-        command = resume_command(dist, out_dir.parent, True) if folds_of(plan) else resume_command(dist, out_dir)
+        command = resume_command(dist, out_dir.parent, cross_validation=True) if folds_of(plan) else \
+            resume_command(dist, out_dir)
         print(f"[stop] saved {out_dir / 'last.pth'}. Resume with: {command}", file=sys.stderr)
     return 0 if completed else exit_code_for(run.stop.signal)
 
@@ -2228,42 +2265,57 @@ def cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
     is saved before the first fold and after each; a resumed one skips the folds done and continues the fold in
     progress from its last.pth. Returns the exit code, as train_and_save."""
     folds = folds_of(plan)
+    if folds > len(data.train_labels):
+        raise UserError(f"--folds {folds}: {len(data.train_labels):,} training images cannot make {folds} folds of at "
+                        f"least one image each. Use fewer folds.")
+    # One stop request for every fold: between folds (and before the first) a stop is noted and seen by every rank at
+    # the next fold's start; one noted while a fold is prepared stops it after its first step, saved.
+    stop = StopRequest()
+    stop.install()
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)
         state = resume.state
+        if args.tta != state["tta"]:
+            print(f"[resume] the folds are evaluated with test-time augmentation level {state['tta']}, as the first "
+                  f"ones were, not --tta {args.tta}: their scores are averaged together")
     else:
-        state = {"kind": CROSS_VALIDATION_KIND, "format": CHECKPOINT_FORMAT, "folds": folds, "seed": seed,
-                 "plan": plan, "dataset": dataset.key, "data_dir": str(data_dir.resolve()),
+        state = {"kind": CROSS_VALIDATION_KIND, "format": CROSS_VALIDATION_FORMAT, "folds": folds, "seed": seed,
+                 "tta": args.tta, "plan": plan, "dataset": dataset.key, "data_dir": str(data_dir.resolve()),
                  "image_size": data.train_images.shape[-1], "data_fingerprint": fingerprint,
                  "results": [None] * folds, "summary": None}
         if dist.is_main:
             if args.overwrite:
                 remove_previous_run(out_dir)
             save_cross_validation(out_dir, state)
-    try:
-        for fold in range(1, folds + 1):
-            folder = out_dir / f"fold-{fold}"
-            if state["results"][fold - 1] is not None:
-                print(f"[cv] fold {fold}/{folds}: done before, in {folder}")
-                continue
-            print(f"=== fold {fold} of {folds}, in {folder} ===", flush=True)
+    device = torch.device(plan["device"])
+    for fold in range(1, folds + 1):
+        if dist.any(stop.signal is not None, device):
             if dist.is_main:
-                folder.mkdir(exist_ok=True)
-            last = folder / "last.pth"
-            fold_resume = load_resume(args, hw, dist, threads, last) if dist.broadcast_object(last.is_file()) else None
-            fold_plan = fold_resume.plan if fold_resume else dict(plan, val_split={"fold": fold, "folds": folds})
-            code = train_and_save(args, hw, fold_plan, fold_resume, dist, folder, dataset, data_dir, data,
-                                  fingerprint, seed)
-            if code:
-                return code
-            if dist.is_main:
-                state["results"][fold - 1] = fold_result(folder, fold)
-                save_cross_validation(out_dir, state)
-    except Interrupted as stop:  # between folds, where the last fold's handler (nothing left to save) still stands
+                print(f"[stop] stopped before fold {fold}: the folds done are saved in {out_dir}. Resume with: "
+                      f"{resume_command(dist, out_dir, cross_validation=True)}", file=sys.stderr)
+            return exit_code_for(stop.signal)
+        folder = fold_folder(out_dir, fold)
+        if state["results"][fold - 1] is not None:
+            print(f"[cv] fold {fold}/{folds}: done before, in {folder}")
+            continue
+        print(f"=== fold {fold} of {folds}, in {folder} ===", flush=True)
         if dist.is_main:
-            print(f"\n[stop] {signal.Signals(stop.signum).name} between folds: every finished fold is saved in "
-                  f"{out_dir}. Resume with: {resume_command(dist, out_dir, True)}", file=sys.stderr)
-        return exit_code_for(stop.signum)
+            folder.mkdir(exist_ok=True)
+        last = folder / "last.pth"
+        fold_resume = load_resume(args, hw, dist, threads, last) if dist.broadcast_object(last.is_file()) else None
+        fold_plan = dict(plan, val_split={"fold": fold, "folds": folds})
+        if fold_resume and fold_resume.plan["val_split"] != fold_plan["val_split"]:
+            raise UserError(f"--resume: {last} is not fold {fold} of {folds} of this cross-validation (it holds out "
+                            f"{fold_resume.plan['val_split']}). Move it away to train fold {fold} afresh.")
+        fold_data = place_data(data, fold_plan["val_split"], seed, device)
+        code = train_and_save(args, hw, fold_resume.plan if fold_resume else fold_plan, fold_resume, dist, folder,
+                              dataset, data_dir, fold_data, fingerprint, seed, state["tta"], stop)
+        code = dist.broadcast_object(code)  # rank 0's: only it evaluates and saves, so only it can be stopped there
+        if code:
+            return code
+        if dist.is_main:
+            state["results"][fold - 1] = fold_result(folder, fold)
+            save_cross_validation(out_dir, state)
     if dist.is_main:
         state["summary"] = report.cross_validation_summary(state["results"])
         save_cross_validation(out_dir, state)
@@ -2278,24 +2330,23 @@ def fold_result(folder, fold):
     validation, test = written["validation"], written["test"]
     return {"fold": fold, "epoch": written["model"]["epoch"], "val_images": validation["images"],
             "val_acc": validation["accuracy"], "val_macro_f1": validation["macro"]["f1"],
-            "val_kappa": validation["cohen_kappa"], "test_acc": test["accuracy"], "tta_level": written["model"]["tta_level"]}
+            "val_kappa": validation["cohen_kappa"], "test_acc": test["accuracy"]}
 
 
 def save_cross_validation(out_dir, state):
     """cross_validation.json (the state, results and summary) and, once every fold is done, cross_validation.md."""
-    save_json(state, out_dir / CROSS_VALIDATION_FILES[0])
+    save_json(state, out_dir / CROSS_VALIDATION_STATE)
     if state["summary"] is not None:
-        atomic_write(out_dir / CROSS_VALIDATION_FILES[1], cross_validation_text(state).encode())
+        atomic_write(out_dir / CROSS_VALIDATION_TABLE, cross_validation_text(state).encode())
 
 
 def cross_validation_text(state):
     """The finished cross-validation as Markdown: what was trained, and the table."""
     plan, results = state["plan"], state["results"]
-    tta = ", ".join(sorted({str(result["tta_level"]) for result in results}))
     return (f"# {state['folds']}-fold cross-validation\n\n"
             f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs, seed {state['seed']}, data "
             f"{state['data_dir']}. Each fold's model is its epoch of best validation accuracy; the scores are with "
-            f"test-time augmentation level {tta}; std is the sample standard deviation over the folds.\n\n"
+            f"test-time augmentation level {state['tta']}; std is the sample standard deviation over the folds.\n\n"
             f"{report.cross_validation_table(results, state['summary'])}\n")
 
 
