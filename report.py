@@ -164,13 +164,12 @@ FOLD_COLUMNS = (("val_acc", "val accuracy %", 2), ("val_macro_f1", "val macro-F1
 
 
 def cross_validation_summary(results):
-    """{key: {"mean", "std"}} over the folds for each of FOLD_COLUMNS; std is the sample standard deviation
-    (ddof=1, as the spread of an estimate from K folds is usually given); 0 for a single fold."""
+    """{key: {"mean", "std"}} over the folds (2 or more) for each of FOLD_COLUMNS; std is the sample standard
+    deviation (ddof=1, as the spread of an estimate from K folds is usually given)."""
     summary = {}
     for key, _, _ in FOLD_COLUMNS:
         values = torch.tensor([result[key] for result in results], dtype=torch.float64)
-        summary[key] = {"mean": float(values.mean()),
-                        "std": float(values.std(correction=1)) if len(values) > 1 else 0.0}
+        summary[key] = {"mean": float(values.mean()), "std": float(values.std(correction=1))}
     return summary
 
 

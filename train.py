@@ -548,10 +548,7 @@ def hold_out_validation(data, val_split, seed):
     count = len(data.train_labels)
     if isinstance(val_split, dict):
         fold, folds = val_split["fold"], val_split["folds"]
-        start, stop = (fold - 1) * count // folds, fold * count // folds
-        if start == stop:
-            raise UserError(f"--folds {folds}: {count:,} training images cannot make {folds} folds of at least one "
-                            f"image each. Use fewer folds.")
+        start, stop = (fold - 1) * count // folds, fold * count // folds  # not empty: cross_validate checks K <= count
     else:
         start, stop = 0, round(val_split * count) if isinstance(val_split, float) else val_split
         if not 0 < stop < count:
@@ -1838,8 +1835,8 @@ def check_resume_matches_flags(args, path, state):
              "--precision": (args.precision, plan["precision"]),
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
              "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"]),
-             "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]), "--patience": (args.patience, plan["patience"]),
-             "--folds": (args.folds, folds_of(plan))}
+             "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]),  # a CV has folds instead
+             "--patience": (args.patience, plan["patience"]), "--folds": (args.folds, folds_of(plan))}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
             raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
