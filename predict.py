@@ -14,7 +14,6 @@ stderr; the others are still classified); 2 a bad model file or flag; 130 Ctrl-C
 """
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -117,7 +116,7 @@ def benchmark(model, checkpoint, device):
     size = checkpoint["image_size"]
     normalization = train.normalization_of(checkpoint)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU {cpu_model_name()}, torch threads: {torch.get_num_threads()}")
+             else f"CPU {train.cpu_model()}, torch threads: {torch.get_num_threads()}")
     print(f"[benchmark] {train.model_text(checkpoint['model_name'], checkpoint['model_kwargs'])}, "
           f"{count_parameters(model):,} parameters, "
           f"{size}x{size} images, on {where}", flush=True)
@@ -137,17 +136,6 @@ def benchmark(model, checkpoint, device):
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_model_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or "(model unknown)"
 
 
 def main(argv=None):

@@ -175,6 +175,18 @@ def cpu_has_bf16():
     return any(probe() for probe in probes if probe is not None)
 
 
+def cpu_model():
+    """Name, family/model and vector units: sessions land on different CPUs behind the same name."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = f"{info['model name']}, family {info['cpu family']} model {info['model']}"
+    except (OSError, KeyError):  # not Linux
+        name = "unknown CPU"
+    bf16 = " with bf16" if cpu_has_bf16() else ""
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{bf16}"
+
+
 def parse_simulated_gpus(spec, machine):
     """'NAME:GiB[:CC],...' (e.g. 'NVIDIA GeForce RTX 3090:24') -> `machine` (a Hardware) with those GPUs instead."""
     gpus = []

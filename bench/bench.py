@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from train import PRECISIONS, cpu_has_bf16  # noqa: E402
+from train import PRECISIONS, cpu_model  # noqa: E402
 RESULTS = ROOT / "bench" / "RESULTS.md"
 THRESHOLDS = [85, 90, 91, 92, 93, 94]
 DATA_LABEL = "CIFAR-10 (JPEG copy)"  # the copy this project's machines build; say so beside every figure
@@ -91,18 +91,6 @@ def device_name(plan):
     if plan["device"].startswith("cuda"):
         return f"{torch.cuda.get_device_name(plan['device'])} x{len(plan['device_ids'])}"
     return f"{platform.processor() or platform.machine()} CPU, {plan['threads']} threads ({cpu_model()})"
-
-
-def cpu_model():
-    """Name, family/model and vector units: sessions land on different CPUs behind the same name."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        name = f"{info['model name']}, family {info['cpu family']} model {info['model']}"
-    except (OSError, KeyError):
-        name = "unknown CPU"
-    bf16 = " with bf16" if cpu_has_bf16() else ""
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{bf16}"
 
 
 def main():
