@@ -27,6 +27,8 @@ import shutil
 import signal
 import sys
 import time
+
+STARTED = time.time()  # --budget counts the whole run from here: importing torch alone takes seconds
 import zipfile
 import dataclasses
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import budget
 from datasets import (CIFAR_IMAGE_SIZE, DATASETS, DataError, Dataset, check_image_size, choose_dataset, class_folders,
                       fetch_dataset, load_dataset)
 import report
@@ -101,10 +104,10 @@ CROSS_VALIDATION_STATE = "cross_validation.json"  # what --resume continues: the
 CROSS_VALIDATION_TABLE = "cross_validation.md"
 CROSS_VALIDATION_FILES = (CROSS_VALIDATION_STATE, CROSS_VALIDATION_TABLE)
 CROSS_VALIDATION_KIND = "cifar-trainer-cross-validation"
-CROSS_VALIDATION_FORMAT = 1  # cross_validation.json's layout
+CROSS_VALIDATION_FORMAT = 2  # cross_validation.json's layout
 FOLD_FOLDER = re.compile(r"fold-\d+")
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
-CHECKPOINT_FORMAT = 5  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
+CHECKPOINT_FORMAT = 6  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -221,13 +224,14 @@ def print_hardware(hw):
 
 
 def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False, model=None,
-              width_mult=None, precision=None, val_split=None, patience=None, folds=None, world_size=1,
-              local_rank=0, local_world_size=1, threads=None):
+              width_mult=None, precision=None, val_split=None, patience=None, folds=None, budget_seconds=None,
+              world_size=1, local_rank=0, local_world_size=1, threads=None):
     """Decide devices, model, batch size, learning rate, epochs, precision and how the saved model is chosen,
     each with its reason.
 
     Under torchrun (world_size > 1) the plan is for one rank: its device is GPU local_rank (or the
-    CPU), and batch_size is the global batch, split evenly over the ranks. Nothing changes a plan once made.
+    CPU), and batch_size is the global batch, split evenly over the ranks. Nothing changes a plan once made;
+    with budget_seconds (--budget), plan_for_budget makes the plan that replaces it, once the data is loaded.
     """
     reasons = {}
     group, ignored, reasons["devices"] = choose_devices(hw, disable_auto)
@@ -270,6 +274,9 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
                             f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["threads"], reasons["threads"] = plan_threads(hw, local_world_size, threads)
     plan["val_split"], plan["patience"], reasons["selection"] = choose_selection(val_split, patience, folds)
+    plan["budget"] = {"seconds": budget_seconds} if budget_seconds else None
+    if budget_seconds:
+        reasons["epochs"] = "to be chosen by --budget from a throughput probe, once the data is loaded"
     plan["reasons"] = reasons
     return plan
 
@@ -444,7 +451,7 @@ def plan_for_flags(args, hw, dist, threads=None):
     return make_plan(hw, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      disable_auto=args.disable_auto, model=args.model, width_mult=args.width_mult,
                      precision=args.precision, val_split=args.val_split, patience=args.patience, folds=args.folds,
-                     world_size=dist.world_size, local_rank=dist.local_rank,
+                     budget_seconds=args.budget, world_size=dist.world_size, local_rank=dist.local_rank,
                      local_world_size=dist.local_world_size, threads=threads)
 
 
@@ -516,6 +523,173 @@ def print_plan(plan):
     elif plan["parallel"] == "DistributedDataParallel":
         print(f"[plan] parallel: DistributedDataParallel, {plan['world_size']} ranks, "
               f"{plan['batch_size'] // plan['world_size']} images per rank per step")
+
+
+# --budget: the plan's model and epochs chosen by measurement. The plan above is made first, from the hardware's
+# description; once the data is loaded, a short throughput probe measures each candidate configuration here and
+# budget.choose (pure) picks the most accurate one that fits, whose plan replaces it before anything trains.
+
+PROBE_SHARE = 0.05  # of the budget, at most, spent probing
+PROBE_STEPS = 3  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
+PROBE_CPU_BATCH = 500  # images per probe step on a CPU: images/s is the same from 512 to 2000 there (measured), and
+# a step of 2000 takes seconds
+FORECAST_SAVE_SECONDS = 1.0  # saving last.pth, the history and its curves after an epoch (an estimate; see RESULTS)
+FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (an estimate; see RESULTS)
+
+
+def plan_for_budget(args, hw, plan, dataset, data, dist):
+    """The plan for --budget: probe the candidates (the table's configurations for this device, or the plan's own
+    model when --model or another dataset fixes it), choose, print the forecast and return the chosen plan."""
+    candidates, by_time = budget_candidates(args, plan, dataset, budget.load_table())
+    budget_seconds = plan["budget"]["seconds"]
+    probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds)
+    evaluated = len(data.test_images) + (len(data.val_images) if has_validation(data) else 0)
+    workload = budget.Workload(
+        train_images=len(data.train_images), eval_images=evaluated, final_eval_images=evaluated,
+        spent_seconds=time.time() - STARTED, save_seconds=FORECAST_SAVE_SECONDS, report_seconds=FORECAST_REPORT_SECONDS)
+    try:
+        outcome = budget.choose(candidates, probes, workload, budget_seconds, args.tta, by_time)
+    except budget.NoFit as no_fit:
+        outcome = no_fit
+    outcome = dist.broadcast_object(outcome)  # rank 0's timings decide for every rank
+    if isinstance(outcome, budget.NoFit):
+        quickest = outcome.quickest
+        raise UserError(
+            f"--budget {budget.duration_text(budget_seconds)} is too short for anything the trainer knows here: the "
+            f"quickest, {quickest.candidate.label} for {quickest.epochs:g} epochs, would take "
+            f"{budget.duration_text(quickest.seconds)} on this machine (start-up, data and probe included). Give "
+            f"--budget {math.ceil(outcome.smallest_budget / 60)}m or more. Nothing was trained or written.")
+    chosen = budget_plan(plan, outcome, records, workload, args.tta, by_time)
+    print_budget_choice(chosen, outcome, budget_seconds)
+    return chosen
+
+
+def budget_candidates(args, plan, dataset, table):
+    """(candidates, by_time). The table's configurations for this device (a CPU: its plan's precision; a GPU: the
+    published half-precision figures, trained in the plan's precision) and batch size (the table's accuracy holds at
+    its own), or just the plan's when --model or another dataset than the table's fixes the model; by_time when
+    no accuracy is known, so the most epochs that fit win."""
+    device_type = torch.device(plan["device"]).type
+    precisions = (plan["precision"],) if device_type == "cpu" else ("bf16", "fp16")
+    found = [dataclasses.replace(c, precision=plan["precision"]) for precision in precisions
+             for c in budget.table_candidates(table, device_type, precision, args.model, args.width_mult)
+             if args.batch_size in (None, c.batch_size) and c.batch_size % plan["world_size"] == 0]
+    if dataset.key != budget.TABLE_DATASET:
+        found = []
+    elif args.model is not None:
+        found = [c for c in found if c.model_kwargs == plan["model_kwargs"]][:1]
+    if not found:
+        return [budget.Candidate(plan["model"], dict(plan["model_kwargs"]), plan["precision"], plan["batch_size"])], \
+            True
+    return found, False
+
+
+def candidate_plan(plan, candidate):
+    return dict(plan, model=candidate.model, model_kwargs=dict(candidate.model_kwargs),
+                batch_size=candidate.batch_size)
+
+
+def probe_candidates(plan, candidates, data, dist, budget_seconds):
+    """Measure each candidate's training and evaluation images/s here, cheapest first, within PROBE_SHARE of the
+    budget. Returns the probes (None: not measured) parallel to candidates, and what to print and keep of them."""
+    probes, records, spent = [None] * len(candidates), [None] * len(candidates), 0.0
+    cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
+                       data.train_images.shape[-1]) for c in candidates]
+    for index in sorted(range(len(candidates)), key=cost.__getitem__):
+        candidate, skip = candidates[index], None
+        if spent > PROBE_SHARE * budget_seconds:
+            skip = f"not probed: the probe's share of the budget ({PROBE_SHARE:.0%}) is spent"
+        skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
+        if skip is None:
+            t0 = time.time()
+            probes[index] = dist.broadcast_object(probe_throughput(candidate_plan(plan, candidate), data, dist))
+            spent += time.time() - t0
+            skip = None if probes[index] else "out of memory at this batch"
+        probe = probes[index]
+        records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
+            "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
+            "eval_images_per_s": round(probe.eval_images_per_s, 1)}
+        print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training, "
+                                                              f"{probe.eval_images_per_s:,.0f} evaluating"), flush=True)
+    print(f"[budget] probing took {spent:.1f}s")
+    return probes, records
+
+
+def probe_throughput(plan, data, dist):
+    """Images/s of training steps and of evaluation for this plan's configuration on its device, from warmed-up
+    steps on real training images (the model is thrown away after). None if it runs out of memory."""
+    device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
+    optimizer = make_optimizer(model, plan)
+    batch = plan["batch_size"] // dist.world_size
+    if device.type == "cpu":
+        batch = min(batch, PROBE_CPU_BATCH)
+    batch = min(batch, len(data.train_images))
+    inputs = normalize(data.train_images[:batch], (data.mean, data.std)).contiguous(memory_format=torch.channels_last)
+    labels = data.train_labels[:batch]
+    set_learning_rates(optimizer, plan, plan["batch_size"], 0, 1)
+
+    def timed(work, repeats):
+        work()  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        synchronize(device)
+        return (time.perf_counter() - t0) / repeats
+
+    try:
+        step_seconds = timed(lambda: training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype,
+                                                   dist), PROBE_STEPS)
+        eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
+        eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
+    except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
+        return None
+    return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def budget_plan(plan, choice, probes, workload, tta, by_time):
+    """The plan with the chosen configuration and epochs, and the forecast, which the run compares with what it
+    reaches (history["final"]["budget"])."""
+    best, runner_up = choice.best, choice.runner_up
+    reasons = dict(plan["reasons"])
+    if by_time:
+        reasons["model"] += "; --budget chose the epochs: the most that fit (no measured accuracy for this data or model)"
+    else:
+        reasons["model"] = (f"--budget: the most accurate configuration that fits, forecast {best.accuracy:.2f}% "
+                            f"({best.candidate.source})")
+    reasons["batch_size"] = reasons["batch_size"] if plan["batch_size"] == best.candidate.batch_size else \
+        "the measured configuration's"
+    reasons["epochs"] = "--budget: the most epochs of it that fit (a run may end part-way through its last epoch)"
+    return dict(candidate_plan(plan, best.candidate), epochs=best.epochs, reasons=reasons, budget={
+        "seconds": plan["budget"]["seconds"], "forecast_seconds": round(best.seconds, 1),
+        "forecast_acc": best.accuracy, "accuracy_source": best.candidate.source or None,
+        "beyond_table": choice.beyond_table, "probes": [r for r in probes if r is not None],
+        "runner_up": runner_up and {"configuration": runner_up.candidate.label, "epochs": runner_up.epochs,
+                                    "forecast_seconds": round(runner_up.seconds, 1),
+                                    "forecast_acc": runner_up.accuracy},
+        # What the pace control expects after each epoch and at the end, until it has measured them.
+        "epoch_overhead_seconds": round(budget.epoch_overhead_seconds(best.probe, workload), 2),
+        "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2)})
+
+
+def print_budget_choice(plan, choice, budget_seconds):
+    best, runner_up = choice.best, choice.runner_up
+    accuracy = f"forecast {best.accuracy:.2f}% with TTA" if best.accuracy is not None else "accuracy not forecast"
+    print(f"[budget] choice: {best.candidate.label} for {best.epochs:g} epochs: {accuracy}, finishing in "
+          f"{budget.duration_text(best.seconds)} of the {budget.duration_text(budget_seconds)} budget")
+    if best.candidate.source:
+        print(f"[budget] accuracy from: {best.candidate.source}")
+    if runner_up:
+        print(f"[budget] runner-up: {runner_up.candidate.label} for {runner_up.epochs:g} epochs: forecast "
+              f"{runner_up.accuracy:.2f}% in {budget.duration_text(runner_up.seconds)}")
+    if choice.beyond_table:
+        print(f"[budget] the budget is larger than anything measured: {best.epochs:g} epochs is the longest run of "
+              f"this configuration in bench/accuracy_table.json, so the run will finish early")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -793,23 +967,50 @@ def make_optimizer(model, plan):
     ])
 
 
-def set_learning_rates(optimizer, plan, batch_size, step, steps_per_epoch):
-    """Muon recipe: every rate falls linearly from its peak to 0, over the run or over the stem bias's epochs;
+@dataclass(frozen=True)
+class Schedule:
+    """How far along its learning-rate curve the run is (progress 0 to 1) after a number of epochs (fractional).
+
+    A plan's schedule runs straight from epoch 0 to its end, plan["epochs"]. --budget's pace control, when the run
+    falls behind, bends it at the point reached: from there the rest of the curve is squeezed into fewer epochs, so
+    the rates continue from where they are and still reach zero at the new end (ending part-way through an epoch
+    if need be)."""
+    end_epoch: float
+    bend_epoch: float = 0.0
+    bend_progress: float = 0.0
+
+    def progress(self, epochs_done):
+        rest = (epochs_done - self.bend_epoch) / (self.end_epoch - self.bend_epoch)
+        return min(1.0, self.bend_progress + (1 - self.bend_progress) * rest)
+
+    def ending_at(self, epochs_done, end_epoch):
+        """This schedule bent at epochs_done to end at end_epoch."""
+        return Schedule(end_epoch, epochs_done, self.progress(epochs_done))
+
+
+def set_learning_rates(optimizer, plan, batch_size, step, steps_per_epoch, schedule=None):
+    """Set every group's rate for `step` of `schedule` (default: the plan's, straight to plan["epochs"]).
+    Muon recipe: every rate falls linearly from its peak to 0, over the run or over the stem bias's epochs;
     --lr scales every peak alike; per-example SGD rates are multiplied by the batch size.
     SGD recipe: a linear warm-up to --lr, then cosine decay to 0."""
+    schedule = schedule or Schedule(plan["epochs"])
+    progress = schedule.progress(step / steps_per_epoch)
     if plan["recipe"] == "sgd":
-        total = plan["epochs"] * steps_per_epoch
-        warmup = max(1, round(SGD_WARMUP_FRACTION * total))
-        after = (step - warmup) / max(1, total - warmup)
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, after)))
+        warmup = SGD_WARMUP_FRACTION
+        if progress < warmup:  # the step's end, so that the first step already moves
+            factor = min(1.0, schedule.progress((step + 1) / steps_per_epoch) / warmup)
+        else:
+            factor = 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
         for group in optimizer.param_groups:
             group["lr"] = plan["lr"] * factor
         return
     scale = plan["lr"] / MUON_LR
     for group in optimizer.param_groups:
-        decay_epochs = STEM_BIAS_EPOCHS if group["name"] == "stem_bias" else plan["epochs"]
+        # The stem bias decays over its own first epochs, whatever the run's length.
+        factor = max(0.0, 1 - step / (STEM_BIAS_EPOCHS * steps_per_epoch)) if group["name"] == "stem_bias" else \
+            1 - progress
         peak = scale * group["peak_lr"] * (batch_size if group["per_example"] else 1)
-        group["lr"] = peak * max(0.0, 1 - step / (decay_epochs * steps_per_epoch))
+        group["lr"] = peak * factor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,6 +1042,7 @@ class Run:
     memory_devices: list  # every GPU of a DataParallel group (any can run out), or the one device
     history: dict
     stop: StopRequest  # Ctrl-C / SIGTERM, once installed
+    schedule: Schedule  # the learning-rate schedule; --budget's pace control may end it sooner
     # Where the run stands: saved in last.pth, so that a resumed run continues exactly.
     step: int = 0
     start_epoch: int = 0
@@ -852,17 +1054,28 @@ class Run:
     best_val_acc: float | None = None  # the saved model's validation accuracy (None without a validation split)
     best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
     best_state: dict | None = None
+    seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
+    epoch_overhead_seconds: float | None = None  # the last epoch's evaluation and saving, measured for --budget
 
     @property
     def memory_label(self):
         return "GPU Mem" if self.device.type == "cuda" else "Mem"
 
+    @property
+    def final_step(self):
+        """The step at which the schedule ends (training stops there, maybe part-way through an epoch)."""
+        return round(self.schedule.end_epoch * len(self.train_batches))
+
+    @property
+    def epochs_planned(self):
+        """Epochs started in all, the last maybe cut short."""
+        return -(-self.final_step // len(self.train_batches))
 
 
-
-def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir, stop=None):
+def prepare_training(plan, data):
+    """The plan's device (made current), network, what training calls (the network, or DataParallel over it),
+    autocast dtype and gradient scaler."""
     device = torch.device(plan["device"])
-    stage(4, f"master device {device}, model moved there")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
@@ -870,9 +1083,16 @@ def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, d
     autocast_dtype, scaler = make_precision(plan["precision"], device)
     forward_model = model
     if plan["parallel"] == "DataParallel":
-        stage(5, f"DataParallel over devices {plan['device_ids']}")
         forward_model = nn.DataParallel(AutocastForward(model, autocast_dtype), device_ids=plan["device_ids"],
                                         output_device=plan["device_ids"][0])
+    return device, model, forward_model, autocast_dtype, scaler
+
+
+def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, data_dir, stop=None):
+    device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
+    stage(4, f"master device {device}, model moved there")
+    if plan["parallel"] == "DataParallel":
+        stage(5, f"DataParallel over devices {plan['device_ids']}")
     elif plan["parallel"] == "DistributedDataParallel":
         stage(5, f"DistributedDataParallel over {dist.world_size} ranks: gradients averaged by all-reduce")
     else:
@@ -890,7 +1110,7 @@ def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, d
                history={"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
                         "dataset": {"name": dataset.title, "source": data.source, "classes": list(data.class_names),
                                     "notes": data.notes}, "epochs": [], "events": []},
-               stop=stop or StopRequest(), epoch_sums=torch.zeros(4, device=device),
+               stop=stop or StopRequest(), schedule=Schedule(plan["epochs"]), epoch_sums=torch.zeros(4, device=device),
                nonfinite_steps=torch.zeros((), device=device))
 
 
@@ -909,9 +1129,8 @@ def hardware_for_json(hw):
 
 def train_loop(run, data):
     """Train epochs from where the run stands; evaluate and save after each. False if stopped early."""
-    plan = run.plan
     epoch, epoch_start = run.start_epoch, None
-    while epoch < plan["epochs"]:
+    while epoch < run.epochs_planned:
         if patience_ran_out(run, epoch):  # checked here, not after the epoch, so a resumed run stops too
             break
         skip = run.batch_in_epoch
@@ -935,9 +1154,9 @@ def train_loop(run, data):
                                      f"--batch-size, or free the GPU and --resume.") from None
             back_off_batch_size(run, epoch_start)
             continue
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        run.epoch_seconds += time.time() - t0
+        synchronize(run.device)
+        steps_end = time.time()
+        run.epoch_seconds += steps_end - t0
         run.dist.all_reduce_sum(run.epoch_sums)  # every rank's part of the epoch, for the log and the checkpoint
         if not completed:
             save_outputs(run, state=training_state(run, epoch))
@@ -957,12 +1176,12 @@ def train_loop(run, data):
                "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
                "peak_memory_gb": max(peaks, default=None), "peak_memory_gb_per_device": peaks,
-               "batch_size": run.batch_size}
+               "batch_size": run.batch_size, "steps": run.batch_in_epoch}
         check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
         validation = (f" | val loss {val_loss:.3f} acc {val_acc:.2f}%{top5_text(val_top5)}"
                       if val_acc is not None else "")
-        print(f"[epoch {epoch + 1}/{plan['epochs']}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}%"
+        print(f"[epoch {epoch + 1}/{run.epochs_planned}] train loss {row['train_loss']:.3f} acc {row['train_acc']:.2f}%"
               f"{top5_text(row['train_top5'])}{validation} | test loss {test_loss:.3f} acc {test_acc:.2f}%"
               f"{top5_text(test_top5)} | {row['seconds']:.1f}s, "
               f"{row['images_per_s']:.0f} img/s, {run.memory_label} {memory_text(peaks)}", flush=True)
@@ -975,7 +1194,8 @@ def train_loop(run, data):
             best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
         save_outputs(run, best=best, state=training_state(run, epoch))
-        if run.dist.any(run.stop.signal is not None, run.device) and epoch < plan["epochs"]:
+        run.epoch_overhead_seconds = time.time() - steps_end
+        if run.dist.any(run.stop.signal is not None, run.device) and epoch < run.epochs_planned:
             return False
     return True
 
@@ -1008,9 +1228,12 @@ def train_one_epoch(run, epoch, skip=0):
     steps_per_epoch = len(batches)
     log_every = run.log_every or -(-steps_per_epoch // 4)
     run.forward_model.train()
-    bar = make_progress_bar(steps_per_epoch, skip, epoch, plan["epochs"])
+    bar = make_progress_bar(steps_per_epoch, skip, epoch, run.epochs_planned)
+    started = time.time()
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
-        set_learning_rates(optimizer, plan, run.batch_size, run.step, steps_per_epoch)
+        if run.step >= run.final_step:  # the schedule ends part-way through this epoch
+            break
+        set_learning_rates(optimizer, plan, run.batch_size, run.step, steps_per_epoch, run.schedule)
         outputs, loss = training_step(run.forward_model, optimizer, run.scaler, inputs, labels, run.autocast_dtype,
                                       run.dist)
         run.step += 1
@@ -1023,26 +1246,63 @@ def train_one_epoch(run, epoch, skip=0):
             bar.update(1)
         # Counted on the device, checked at log points: no per-step synchronisation on GPU.
         run.nonfinite_steps = torch.where(torch.isfinite(loss), 0, run.nonfinite_steps + 1)
-        at_log_point = (b + 1) % log_every == 0 or b + 1 == steps_per_epoch
+        last_step = b + 1 == steps_per_epoch or run.step == run.final_step
+        at_log_point = (b + 1) % log_every == 0 or last_step
         if at_log_point:
             check_finite(run)
             loss_sum, correct, top5_correct, seen = run.epoch_sums.tolist()
             top5 = f" | Top-5: {100 * top5_correct / seen:.2f}%" if reports_top5(outputs.shape[1]) else ""
-            line = (f"Epoch [{epoch + 1}/{plan['epochs']}] | Batch [{b + 1}/{steps_per_epoch}] | "
+            line = (f"Epoch [{epoch + 1}/{run.epochs_planned}] | Batch [{b + 1}/{steps_per_epoch}] | "
                     f"Loss: {loss_sum / seen:.3f} | Acc: {100 * correct / seen:.2f}%{top5} | "
                     f"LR: {optimizer.param_groups[0]['lr']:.4f} | {run.memory_label}: "
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
+            if plan["budget"] and not last_step:
+                keep_pace(run, epoch, (time.time() - started) / (b + 1 - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
         if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
-                and b + 1 < steps_per_epoch:
+                and not last_step:
             if bar is not None:
                 bar.close()
             return False
     if bar is not None:
         bar.close()
     return True
+
+
+def keep_pace(run, epoch, seconds_per_step):
+    """--budget: when the run, at the pace measured in this epoch, would end after its deadline less half its margin,
+    end the schedule sooner: at the last step that leaves the whole margin free (the rates bend to reach zero there,
+    Schedule). Never lengthens it: accuracy past the forecast epochs is not known. Under torchrun rank 0 decides."""
+    budget_seconds = run.plan["budget"]["seconds"]
+    deadline = STARTED + budget_seconds - run.seconds_before
+    steps_per_epoch = len(run.train_batches)
+    overhead = run.epoch_overhead_seconds or run.plan["budget"]["epoch_overhead_seconds"]
+    now = time.time()
+
+    def finish(final_step):
+        epoch_ends = -(-final_step // steps_per_epoch) - epoch  # this epoch's end and the later ones'
+        return now + (final_step - run.step) * seconds_per_step + epoch_ends * overhead + \
+            run.plan["budget"]["final_seconds"]
+
+    end_epoch = None
+    if finish(run.final_step) > deadline - budget.MARGIN / 2 * budget_seconds:
+        final_step = run.final_step
+        while final_step > run.step + 1 and finish(final_step) > deadline - budget.MARGIN * budget_seconds:
+            final_step -= 1
+        end_epoch = final_step / steps_per_epoch
+    end_epoch = run.dist.broadcast_object(end_epoch)
+    if end_epoch is None:
+        return
+    was, done = run.schedule.end_epoch, run.step / steps_per_epoch
+    run.schedule = run.schedule.ending_at(done, end_epoch)
+    run.history["events"].append({"pace": {"at_epoch": round(done, 3), "end_epoch_was": round(was, 3),
+                                           "end_epoch": round(end_epoch, 3),
+                                           "seconds_per_step": round(seconds_per_step, 4)}})
+    print(f"[pace] behind the forecast ({seconds_per_step:.2f} s a step): training now ends at epoch {end_epoch:.2f} "
+          f"instead of {was:.2f}, to finish within the budget of {budget.duration_text(budget_seconds)}; the "
+          f"learning rate still decays to zero there", flush=True)
 
 
 def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None):
@@ -1074,7 +1334,8 @@ def back_off_batch_size(run, epoch_start):
     # A fresh gradient scaler: a failure inside its step leaves the old one's per-optimizer stage half-way
     # (gradients unscaled or not), which load_state_dict does not reset.
     _, run.scaler = make_precision(run.plan["precision"], run.device)
-    restore_run(run, dict(epoch_start, batch_size=new_batch))
+    # The same process goes on: its time before this epoch is already counted from STARTED.
+    restore_run(run, dict(epoch_start, batch_size=new_batch, seconds_spent=run.seconds_before))
     run.step = epoch * len(run.train_batches)  # the same point of the schedule, in the new step count
     run.history["events"].append({"out_of_memory": {"epoch": epoch + 1, "batch_size": new_batch}})
     print(f"[oom] out of memory in epoch {epoch + 1}: retrying it with batch size {new_batch}", file=sys.stderr)
@@ -1333,9 +1594,25 @@ def finish_run(run, data, tta):
                                                    if r["peak_memory_gb"] is not None), default=None)}
     best = best_model_payload(run, run.best_epoch, best_row, test["accuracy"], test["top5"], tta)
     save_report(run.out_dir, reports, test_probabilities, data, best)
+    if run.plan["budget"]:
+        run.history["final"]["budget"] = budget_outcome(run, test["accuracy"])
     save_outputs(run, best=best)
     stage(9, f"Wrote {', '.join(RUN_FILES)} to {run.out_dir}")
     stage(10, f"Done: {test['accuracy']:.2f}% test accuracy (TTA {tta}), saved model of epoch {run.best_epoch}")
+
+
+def budget_outcome(run, test_acc_tta):
+    """--budget's forecast against what the run reached (said, and kept in the history). The time is the run's own,
+    from its start to now (the last save is still to come), less any time it spent stopped before a resume."""
+    forecast = run.plan["budget"]
+    seconds = run.seconds_before + time.time() - STARTED
+    outcome = {"budget_seconds": forecast["seconds"], "forecast_seconds": forecast["forecast_seconds"],
+               "seconds": round(seconds, 1), "forecast_acc": forecast["forecast_acc"], "test_acc_tta": test_acc_tta,
+               "epochs_planned": run.plan["epochs"], "epochs_trained": round(run.step / len(run.train_batches), 3)}
+    accuracy = f", forecast {forecast['forecast_acc']:.2f}%" if forecast["forecast_acc"] is not None else ""
+    print(f"[budget] finished in {budget.duration_text(seconds)} of {budget.duration_text(forecast['seconds'])} "
+          f"(forecast {budget.duration_text(forecast['forecast_seconds'])}): {test_acc_tta:.2f}% with TTA{accuracy}")
+    return outcome
 
 
 def evaluation_reports(model, data, normalization, tta, autocast_dtype):
@@ -1695,6 +1972,8 @@ def training_state(run, epoch):
         "data_rng": run.epoch_rng if run.batch_in_epoch else run.train_batches.generator.get_state(),
         "epoch_sums": run.epoch_sums.cpu(),
         "epoch_seconds": run.epoch_seconds,
+        "schedule": dataclasses.asdict(run.schedule),
+        "seconds_spent": run.seconds_before + time.time() - STARTED,  # --budget counts them on a resume
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -1848,7 +2127,8 @@ def check_resume_matches_flags(args, path, state):
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
              "--dataset": (args.dataset, state["dataset"]), "--image-size": (args.image_size, state["image_size"]),
              "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]),  # a CV has folds instead
-             "--patience": (args.patience, plan["patience"]), "--folds": (args.folds, folds_of(plan))}
+             "--patience": (args.patience, plan["patience"]), "--folds": (args.folds, folds_of(plan)),
+             "--budget": (args.budget, plan["budget"] and plan["budget"]["seconds"])}
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
             raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
@@ -1871,6 +2151,7 @@ def restore_run(run, state):
     # The saved sums already cover every rank; under torchrun only rank 0 carries them on.
     run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(4, device=run.device)
     run.epoch_seconds = state["epoch_seconds"]
+    run.schedule, run.seconds_before = Schedule(**state["schedule"]), state["seconds_spent"]
     if torch.device(state["plan"]["device"]).type == run.device.type:
         run.epoch_rng = state["data_rng"]
         run.train_batches.generator.set_state(state["data_rng"])
@@ -1971,6 +2252,12 @@ def parse_args(argv=None):
         description="Train a CIFAR-10, CIFAR-100 or image-folder classifier with a plan chosen for this machine. "
                     "With no flags it does the whole job; flags override the plan.")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the plan's, per device tier)")
+    p.add_argument("--budget", type=budget_value, default=None, metavar="TIME",
+                   help="the whole run, start to exit, within TIME (e.g. 90s, 10m, 1.5h): a short throughput probe "
+                        "measures the candidate configurations here, and the one with the best accuracy forecast "
+                        "(bench/accuracy_table.json) that fits is trained for as many epochs as fit; a run that "
+                        "falls behind shortens its schedule. With --model or another dataset, only the epochs are "
+                        "chosen. Default: the plan's tier table")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per step, across all GPUs and ranks (default: {BATCH_SIZE})")
     p.add_argument("--lr", type=float, default=None,
@@ -2045,6 +2332,17 @@ def parse_args(argv=None):
     return args
 
 
+def budget_value(text):
+    """--budget: a duration, in seconds."""
+    try:
+        seconds = budget.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is no time at all")
+    return seconds
+
+
 def val_split_value(text):
     """--val-split: a count of images (a whole number) or a fraction of train (0 < x < 1)."""
     try:
@@ -2087,6 +2385,11 @@ def validate_args(args):
         bad(f"--folds must be at least 2, got {args.folds}.")
     if args.folds is not None and args.val_split:
         bad("--folds K holds out each fold in turn as the validation split; --val-split cannot be given with it.")
+    if args.budget is not None:
+        for flag, given in [("--epochs", args.epochs is not None), ("--folds", args.folds is not None),
+                            ("--disable-auto", args.disable_auto)]:
+            if given:
+                bad(f"--budget chooses the epochs (and the model) to fit the time; {flag} cannot be given with it.")
     if args.patience is not None and args.patience < 1:
         bad(f"--patience must be at least 1 epoch, got {args.patience}.")
     if args.log_every is not None and args.log_every < 1:
@@ -2154,6 +2457,9 @@ def main(argv=None):
                                   threads)
         else:
             data = place_data(data, plan["val_split"], seed, torch.device(plan["device"]))  # the loaded copy goes
+            if plan["budget"] and not resume:
+                plan = plan_for_budget(args, hw, plan, dataset, data, dist)
+                print_plan(plan)
             code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
                                   args.tta)
         dist.close()

@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,13 +61,14 @@ def run_trainer(*args, ranks=None, timeout=300, cwd=ROOT, env=None):
 
 
 def run_cli(*args):
-    """train.py's cli() in this process, as run_trainer returns it (exit code, stdout, stderr), for runs that stop
-    before training: a refusal or a dry run. A trainer subprocess costs ~3 s of imports; this costs nothing.
+    """train.py's cli() in this process, as run_trainer returns it (exit code, stdout, stderr), for refusals, dry runs
+    and short runs that need no signals. A trainer subprocess costs ~3 s of imports; this costs nothing.
     An uncaught exception propagates and fails the test, which is stricter than looking for "Traceback"."""
     import train
 
     stdout, stderr = io.StringIO(), io.StringIO()
     argv = ["train.py", *map(str, args)]
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         old_argv, sys.argv = sys.argv, argv
         try:
@@ -76,6 +78,8 @@ def run_cli(*args):
             code = stop.code
         finally:
             sys.argv = old_argv
+            for signum, handler in handlers.items():  # a run installs its own, for Ctrl-C
+                signal.signal(signum, handler)
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 

@@ -31,11 +31,12 @@ def assert_all_finite(path):
 
 # 1. A second run never overwrites the first.
 
-def test_runs_without_out_dir_each_get_a_new_numbered_folder(tiny_data, tmp_path):
-    first = run_trainer("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK, cwd=tmp_path)
+def test_runs_without_out_dir_each_get_a_new_numbered_folder(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ is made where the trainer is started; in this process: no imports to wait for
+    first = run_cli("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK)
     assert first.returncode == 0, first.stderr
     first_files = snapshot(tmp_path / "runs" / "cifar10-001")
-    second = run_trainer("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK, cwd=tmp_path)
+    second = run_cli("--epochs", 1, "--data-dir", tiny_data, *TINY, *QUICK)
     assert second.returncode == 0, second.stderr
     assert "[run] outputs go to runs/cifar10-002" in second.stdout  # said at the start ...
     assert "to runs/cifar10-002 ---" in second.stdout  # ... and at the end
@@ -49,7 +50,7 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(finished_run, tiny_d
     shutil.copytree(finished_run, out)
     before = snapshot(out)
     other_model = ["--model", "PowerCifarNet", "--width-mult", "0.25", "--batch-size", 100, *QUICK]
-    result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out)
+    result = run_cli("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out)
     assert_refused(result, "already holds a run")
     assert "--resume --out-dir" in result.stderr and "--overwrite" in result.stderr
     assert snapshot(out) == before

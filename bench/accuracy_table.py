@@ -1,0 +1,72 @@
+"""Measure accuracy against epochs for one configuration and keep it in bench/accuracy_table.json.
+
+    python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --epochs 1 2 3 4
+    python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 4 8
+
+Each point is one real `python train.py --seed 0 --epochs E` run on the full CIFAR-10 in --data-dir (on this
+project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration
+and epochs is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
+points and never extrapolates past them. Published figures for GPU-only configurations are entered by hand, with
+their source, and this script leaves them alone. CPU runs are deterministic, so the accuracy does not depend on
+what else ran; the times are recorded for the reader only (the trainer measures its own speed). Never part of the
+test suite.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import DATA_LABEL, device_name, one_run, trainer_flags  # noqa: E402
+
+TABLE = Path(__file__).resolve().parent / "accuracy_table.json"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, nargs="+", required=True, help="one run per epoch count")
+    p.add_argument("--model", required=True, help="passed to train.py --model")
+    p.add_argument("--width-mult", type=float, default=None, help="passed to train.py --width-mult")
+    p.add_argument("--precision", required=True, help="passed to train.py --precision")
+    p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-label", default=DATA_LABEL, help="how the data is named in the table")
+    return p.parse_args()
+
+
+def entry_for(table, plan, precision):
+    """The table's entry of this configuration, made if missing."""
+    key = {"model": plan["model"], "model_kwargs": plan["model_kwargs"], "precision": precision,
+           "batch_size": plan["batch_size"]}
+    for entry in table["configurations"]:
+        if {k: entry[k] for k in key} == key:
+            return entry
+    entry = dict(key, source="measured", device_type=plan["device"].split(":")[0], points=[])
+    table["configurations"].append(entry)
+    return entry
+
+
+def main():
+    args = parse_args()
+    for epochs in args.epochs:
+        args.epochs = epochs  # trainer_flags reads it
+        result = one_run(trainer_flags(args), seed=0, nproc=1)
+        plan = result["plan"]
+        table = json.loads(TABLE.read_text())  # read after the run: it may have been edited meanwhile
+        point = {"epochs": epochs, "test_acc": result["test_acc"], "test_acc_tta": result["test_acc_tta"],
+                 "data": args.data_label, "device": device_name(plan), "date": time.strftime("%Y-%m-%d"),
+                 "wall_s": round(result["wall_s"], 1), "train_s": round(result["train_s"], 1),
+                 "images_per_s": round(result["images_per_s"]), "seed": 0}
+        entry = entry_for(table, plan, plan["precision"])
+        entry["points"] = sorted([p for p in entry["points"] if p["epochs"] != epochs] + [point],
+                                 key=lambda p: p["epochs"])
+        TABLE.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, {epochs} epochs: test {point['test_acc']:.2f}% "
+              f"(TTA {point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""--budget: what the trainer knows of accuracy against epochs, and the choice of what to train in a given time.
+
+Pure functions, no torch: train.py measures this machine (its throughput probe), this module forecasts each
+candidate's time and accuracy and chooses; tests/test_budget.py drives it with made-up probes.
+
+The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch), test accuracy
+with TTA after E epochs, measured here by bench/accuracy_table.py or published (marked so). Accuracy between two
+points is interpolated linearly; outside the measured epochs it is not forecast.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ACCURACY_TABLE = Path(__file__).resolve().parent / "bench" / "accuracy_table.json"
+TABLE_DATASET = "cifar10"  # the table's accuracies are CIFAR-10's; other data gets epochs chosen by time alone
+MARGIN = 0.04  # of the budget, kept free: the forecast's error and the pace control's room to react
+EPOCH_RESOLUTION = 10  # epochs are chosen in tenths: a run may end part-way through its last epoch
+MAX_EPOCHS_BY_TIME = 50  # without measured accuracy, at most this many epochs (airbench96, the longest recipe, ~46)
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(sec|min|s|m|h)\s*")  # one part of 1h30m
+UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text):
+    """'90s', '10m', '1.5h', '1h30m' -> seconds. A bare number is refused: minutes or seconds would be a guess."""
+    text = text.strip().lower()
+    if not re.fullmatch(f"(?:{DURATION.pattern})+", text):
+        raise ValueError(f"{text!r} is not a duration such as 90s, 10m, 1.5h or 1h30m")
+    return sum(float(number) * UNIT_SECONDS[unit] for number, unit in DURATION.findall(text))
+
+
+def duration_text(seconds):
+    """12 min 5 s, 1 h 3 min, 45 s."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A configuration the chooser may pick: how to train, and what the table says it reaches."""
+    model: str
+    model_kwargs: dict
+    precision: str
+    batch_size: int
+    points: tuple = ()  # ((epochs, test accuracy % with TTA), ...) sorted by epochs; () when not known
+    source: str = ""  # where the points come from, said with the forecast
+
+    @property
+    def label(self):
+        kwargs = ", ".join(f"{k}={v}" for k, v in self.model_kwargs.items())
+        return f"{self.model}({kwargs}) {self.precision}, batch {self.batch_size}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the throughput probe measured for a candidate on this machine."""
+    train_images_per_s: float
+    eval_images_per_s: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run does besides training steps, in images and seconds, for the forecast."""
+    train_images: int  # per epoch (the ragged last batch is dropped, as training does)
+    eval_images: int  # evaluated after every epoch: test, and validation if any
+    final_eval_images: int  # evaluated once at the end, each image seen tta_passes times
+    spent_seconds: float  # since the process started, up to the choice (start-up, data, probe)
+    save_seconds: float  # saving last.pth, the history and the curves after each epoch
+    report_seconds: float  # the report's figures and the last saves
+
+
+@dataclass(frozen=True)
+class Option:
+    candidate: Candidate
+    probe: Probe
+    epochs: float
+    seconds: float  # forecast wall time of the whole run, from process start
+    accuracy: float | None  # forecast test accuracy with TTA, None where the table has nothing
+
+
+@dataclass(frozen=True)
+class Choice:
+    best: Option
+    runner_up: Option | None  # the best option of another configuration
+    beyond_table: bool  # the budget allows more than the table's longest run of the chosen configuration
+
+
+class NoFit(Exception):
+    """Nothing fits the budget; smallest_budget is the least that would (seconds)."""
+
+    def __init__(self, smallest_budget, quickest):
+        super().__init__(smallest_budget)
+        self.smallest_budget, self.quickest = smallest_budget, quickest
+
+
+def load_table(path=ACCURACY_TABLE):
+    return json.loads(Path(path).read_text())["configurations"]
+
+
+def table_candidates(table, device_type, precision, model=None, width_mult=None):
+    """The table's configurations for this device type ('cpu' or 'cuda') and precision, optionally one model."""
+    found = []
+    for entry in table:
+        if entry["device_type"] != device_type or entry["precision"] != precision:
+            continue
+        if model is not None and entry["model"] != model:
+            continue
+        if width_mult is not None and entry["model_kwargs"].get("width_mult") != width_mult:
+            continue
+        points = tuple(sorted((p["epochs"], p["test_acc_tta"]) for p in entry["points"]))
+        source = entry["source"] if entry["source"] != "measured" else \
+            f"bench/accuracy_table.json, measured here on {entry['points'][0]['data']}"
+        found.append(Candidate(entry["model"], dict(entry["model_kwargs"]), entry["precision"], entry["batch_size"],
+                               points, source))
+    return found
+
+
+def expected_accuracy(points, epochs):
+    """Linear interpolation between the measured points; None outside them (no silent extrapolation)."""
+    for (e0, a0), (e1, a1) in zip(points, points[1:]):
+        if e0 <= epochs <= e1:
+            return a0 + (a1 - a0) * (epochs - e0) / (e1 - e0)
+    if points and epochs == points[0][0] == points[-1][0]:
+        return points[0][1]
+    return None
+
+
+def tta_passes(tta):
+    """Forward passes per image of the final evaluation at each --tta level (train.predict)."""
+    return {0: 1, 1: 2, 2: 6}[tta]
+
+
+def epoch_overhead_seconds(probe, workload):
+    """After each epoch: its evaluation and saves."""
+    return workload.eval_images / probe.eval_images_per_s + workload.save_seconds
+
+
+def final_seconds(probe, workload, tta):
+    """After the last epoch: the evaluation with test-time augmentation, the report and the last saves."""
+    return tta_passes(tta) * workload.final_eval_images / probe.eval_images_per_s + workload.report_seconds
+
+
+def forecast_seconds(probe, workload, epochs, tta):
+    """Wall time of a run of `epochs` (fractional: the last epoch cut short), from process start to exit."""
+    return (workload.spent_seconds + epochs * workload.train_images / probe.train_images_per_s
+            + math.ceil(epochs - 1e-9) * epoch_overhead_seconds(probe, workload) + final_seconds(probe, workload, tta))
+
+
+def epoch_grid(candidate, by_time):
+    """The epoch counts the chooser considers: tenths within the measured points, or (by_time) from one epoch up."""
+    if by_time:
+        low, high = 1.0, float(MAX_EPOCHS_BY_TIME)
+    else:
+        low, high = candidate.points[0][0], candidate.points[-1][0]
+    return [k / EPOCH_RESOLUTION for k in range(round(low * EPOCH_RESOLUTION), round(high * EPOCH_RESOLUTION) + 1)]
+
+
+def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
+    """The option of best forecast accuracy whose forecast time fits the budget less its margin, and the best option
+    of another configuration. by_time: no accuracy is known (another dataset, a model without table points), so the
+    most epochs that fit win (one candidate). Raises NoFit with the smallest budget that would fit.
+
+    candidates and probes are parallel lists; a probe of None (the candidate ran out of memory) is left out."""
+    limit = budget_seconds * (1 - MARGIN)
+    best_per_candidate, quickest = [], None
+    for candidate, probe in zip(candidates, probes):
+        if probe is None or not (by_time or candidate.points):
+            continue
+        options = [Option(candidate, probe, epochs, forecast_seconds(probe, workload, epochs, tta),
+                          None if by_time else expected_accuracy(candidate.points, epochs))
+                   for epochs in epoch_grid(candidate, by_time)]
+        if quickest is None or options[0].seconds < quickest.seconds:
+            quickest = options[0]
+        fitting = [o for o in options if o.seconds <= limit]
+        if fitting:
+            best = max(fitting, key=lambda o: (o.epochs if by_time else o.accuracy, -o.seconds))
+            best_per_candidate.append((best, best.epochs == options[-1].epochs))
+    if not best_per_candidate:
+        if quickest is None:
+            raise ValueError("no candidate with a probe and table points")
+        raise NoFit(quickest.seconds / (1 - MARGIN), quickest)
+    ranked = sorted(best_per_candidate, key=lambda pair: (pair[0].epochs if by_time else pair[0].accuracy,
+                                                          -pair[0].seconds), reverse=True)
+    (best, at_the_end), runner_up = ranked[0], ranked[1][0] if len(ranked) > 1 else None
+    return Choice(best, runner_up, at_the_end and not by_time)

@@ -1,0 +1,160 @@
+"""Issue 16: --budget. The chooser (pure) with made-up probes, the pace control on a run slowed after its probe,
+and a budgeted run interrupted and resumed."""
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+import budget
+import train
+from budget import Candidate, Probe, Workload
+from conftest import history_of, run_cli, run_trainer, start_trainer, wait_for_line
+
+CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
+                   save_seconds=2.0, report_seconds=6.0)
+SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, ((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)), "made up")
+POWER = Candidate("PowerCifarNet", {"width_mult": 1.0}, "fp32", 2000, ((4, 88.0), (8, 91.0)), "made up")
+WIDE = Candidate("PowerCifarNet", {"width_mult": 1.5}, "bf16", 2000, ((10, 94.5), (16, 95.0)), "made up")
+
+
+def latest_fitting_epochs(candidate, probe, workload, budget_seconds):
+    limit = budget_seconds * (1 - budget.MARGIN)
+    return max(e for e in budget.epoch_grid(candidate, by_time=False)
+               if budget.forecast_seconds(probe, workload, e, tta=2) <= limit)
+
+
+def test_durations_are_read_with_their_units_and_bare_numbers_are_refused():
+    assert [budget.parse_duration(t) for t in ("90s", "10m", "1.5h", "1h30m", "2 min")] == [90, 600, 5400, 5400, 120]
+    for text in ("10", "ten minutes", "5x", "m", ""):
+        with pytest.raises(ValueError):
+            budget.parse_duration(text)
+    result = run_cli("--budget", "10")
+    assert result.returncode == 2 and "90s, 10m, 1.5h" in result.stderr and "Traceback" not in result.stderr
+    for flags, clash in [(["--epochs", "3"], "--epochs"), (["--folds", "3"], "--folds"),
+                         (["--disable-auto"], "--disable-auto")]:
+        result = run_cli("--budget", "10m", *flags, "--dry-run")
+        assert result.returncode == 2 and clash in result.stderr, result.stderr
+    result = run_cli("--budget", "10m", "--dry-run")
+    assert result.returncode == 0 and "to be chosen by --budget" in result.stdout
+
+
+def test_accuracy_is_interpolated_between_measured_points_and_never_extrapolated():
+    assert budget.expected_accuracy(SMALL.points, 3.5) == pytest.approx(86.0 - 1.5 * 3)
+    assert budget.expected_accuracy(SMALL.points, 10) == 89.0
+    assert budget.expected_accuracy(SMALL.points, 0.5) is None and budget.expected_accuracy(SMALL.points, 11) is None
+    assert budget.expected_accuracy(((8, 94.01),), 8) == 94.01 and budget.expected_accuracy(((8, 94.01),), 7) is None
+
+
+def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
+    probes = [Probe(530, 1500), Probe(160, 450)]  # measured-like: PowerCifarNet is 3.3x slower on this CPU
+    choice = budget.choose([SMALL, POWER], probes, CIFAR10, 600, tta=2)
+    assert choice.best.candidate is SMALL and choice.runner_up is None  # 4 epochs of POWER take 21 minutes
+    assert choice.best.epochs == latest_fitting_epochs(SMALL, probes[0], CIFAR10, 600)
+    assert 4 < choice.best.epochs < 6 and choice.best.seconds <= 600 * (1 - budget.MARGIN)
+    assert budget.forecast_seconds(probes[0], CIFAR10, choice.best.epochs + 0.1, 2) > 600 * (1 - budget.MARGIN)
+    assert choice.best.accuracy == pytest.approx(budget.expected_accuracy(SMALL.points, choice.best.epochs))
+    # An hour: PowerCifarNet's 8 epochs fit and forecast more than SmallCifarNet's longest measured run.
+    choice = budget.choose([SMALL, POWER], probes, CIFAR10, 3600, tta=2)
+    assert choice.best.candidate is POWER and choice.best.epochs == 8 and choice.beyond_table
+    assert choice.runner_up.candidate is SMALL and choice.runner_up.epochs == 10
+
+
+def test_a_small_gpu_and_a_big_gpu_choose_differently_from_the_same_table():
+    small_gpu = [Probe(9_000, 30_000), Probe(2_500, 9_000)]
+    big_gpu = [Probe(60_000, 200_000), Probe(25_000, 90_000)]
+    candidates = [POWER, WIDE]
+    on_small = budget.choose(candidates, small_gpu, CIFAR10, 120, tta=2)
+    assert on_small.best.candidate is POWER and on_small.runner_up is None  # 10 epochs of WIDE: over 3 minutes
+    on_big = budget.choose(candidates, big_gpu, CIFAR10, 120, tta=2)
+    assert on_big.best.candidate is WIDE and on_big.runner_up.candidate is POWER
+    assert on_big.best.epochs == latest_fitting_epochs(WIDE, big_gpu[1], CIFAR10, 120)
+    # A candidate whose probe ran out of memory is left out.
+    assert budget.choose(candidates, [small_gpu[0], None], CIFAR10, 3600, tta=2).best.candidate is POWER
+
+
+def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
+    probes = [Probe(530, 1500), Probe(160, 450)]
+    with pytest.raises(budget.NoFit) as refused:
+        budget.choose([SMALL, POWER], probes, CIFAR10, 60, tta=2)
+    smallest = refused.value.smallest_budget
+    assert refused.value.quickest.candidate is SMALL and refused.value.quickest.epochs == 1
+    assert budget.choose([SMALL, POWER], probes, CIFAR10, smallest + 0.01, tta=2).best.epochs == 1
+    with pytest.raises(budget.NoFit):
+        budget.choose([SMALL, POWER], probes, CIFAR10, smallest * 0.99, tta=2)
+
+
+def test_without_measured_accuracy_the_most_epochs_that_fit_win():
+    unknown = Candidate("ResNet18", {}, "fp32", 128)
+    choice = budget.choose([unknown], [Probe(30, 100)], CIFAR10, 7200, tta=0, by_time=True)
+    assert choice.best.accuracy is None and not choice.beyond_table
+    assert choice.best.epochs == max(e for e in budget.epoch_grid(unknown, by_time=True)
+                                     if budget.forecast_seconds(Probe(30, 100), CIFAR10, e, 0) <= 7200 * 0.96)
+
+
+def test_the_repository_table_is_well_formed():
+    table = budget.load_table()
+    assert {entry["device_type"] for entry in table} == {"cpu", "cuda"}
+    for entry in table:
+        assert entry["points"] and entry["source"]
+        epochs = [p["epochs"] for p in entry["points"]]
+        assert epochs == sorted(set(epochs)) and all(0 < p["test_acc_tta"] < 100 for p in entry["points"])
+    assert budget.table_candidates(table, "cpu", "fp32")[0].model == "SmallCifarNet"
+
+
+def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny_data, tmp_path, monkeypatch):
+    """The real trainer, in this process, on the tiny data: every step after the probe is slowed, so the pace the
+    forecast assumed is not kept and the pace control must end the schedule sooner to finish within the budget."""
+    slow = {"on": False}
+    real_step, real_plan_for_budget = train.training_step, train.plan_for_budget
+
+    def slowed_step(*args, **kwargs):
+        if slow["on"]:
+            time.sleep(0.5)
+        return real_step(*args, **kwargs)
+
+    def plan_then_slow_down(*args, **kwargs):
+        plan = real_plan_for_budget(*args, **kwargs)
+        slow["on"] = True
+        return plan
+
+    monkeypatch.setattr(train, "training_step", slowed_step)
+    monkeypatch.setattr(train, "plan_for_budget", plan_then_slow_down)
+    monkeypatch.setattr(train, "STARTED", time.time())  # this process started long ago; the run starts now
+    result = run_cli("--budget", "22s", "--model", "SmallCifarNet", "--batch-size", 100, "--tta", 0, "--seed", 0,
+                     "--data-dir", tiny_data, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    history = history_of(tmp_path)
+    paces = [event["pace"] for event in history["events"] if "pace" in event]
+    assert paces and all(p["end_epoch"] < p["end_epoch_was"] for p in paces), result.stdout
+    outcome = history["final"]["budget"]
+    assert outcome["seconds"] <= 22 and outcome["epochs_trained"] < history["plan"]["epochs"]
+    schedule = torch.load(tmp_path / "last.pth", weights_only=True)["schedule"]
+    assert schedule["end_epoch"] == pytest.approx(outcome["epochs_trained"], abs=1e-3)  # trained to the bent end
+    rates = [row["lr"] for row in history["epochs"]]
+    assert rates == sorted(rates, reverse=True)  # bent, never raised
+    assert rates[-1] <= train.MUON_LR * 0.1 / (schedule["end_epoch"] - schedule["bend_epoch"])  # one step from 0
+
+
+def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny_data, tmp_path):
+    flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "0", "--seed", "0", "--data-dir", tiny_data]
+    process = start_trainer("--budget", "18s", *flags, "--out-dir", tmp_path)
+    wait_for_line(process, "[epoch 1/")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130, process.stderr.read()
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    planned = state["plan"]
+    assert planned["budget"]["seconds"] == 18 and state["seconds_spent"] > 0
+
+    refused = run_cli("--resume", "--out-dir", tmp_path, "--budget", "1h")
+    assert refused.returncode == 2 and "--budget" in refused.stderr
+    result = run_trainer("--resume", "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
+    history = history_of(tmp_path)
+    assert history["plan"]["epochs"] == planned["epochs"] and history["plan"]["model"] == planned["model"]
+    assert any("resumed" in event for event in history["events"])
+    outcome = history["final"]["budget"]
+    assert outcome["seconds"] > state["seconds_spent"] and outcome["forecast_seconds"] <= 18
+    assert json.loads((tmp_path / "report.json").read_text())["test"]["accuracy"] == outcome["test_acc_tta"]
