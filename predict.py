@@ -123,19 +123,14 @@ def benchmark(model, checkpoint, device):
     for batch_size in BENCHMARK_BATCH_SIZES:
         images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
         batch_probabilities(model, images, normalization)  # the first pass allocates and picks kernels
-        synchronize(device)
+        train.synchronize(device)
         passes, start = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - start) < BENCHMARK_SECONDS:
             batch_probabilities(model, images, normalization)
-            synchronize(device)
+            train.synchronize(device)
             passes += 1
         print(f"[benchmark] batch size {batch_size}: {passes * batch_size / elapsed:,.1f} images/s "
               f"(batches timed: {passes}, {elapsed:.1f} s)", flush=True)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None):

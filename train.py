@@ -647,11 +647,6 @@ def probe_throughput(plan, data, dist):
     return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def budget_plan(plan, choice, probes, workload, tta, by_time):
     """The plan with the chosen configuration and epochs, and the forecast, which the run compares with what it
     reaches (history["final"]["budget"])."""
@@ -1451,6 +1446,12 @@ def peak_memory_gb(devices):
         return []
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return [peak / (2**30 if sys.platform == "darwin" else 2**20)]  # bytes on macOS, KiB on Linux
+
+
+def synchronize(device):
+    """Wait for a GPU's queued work, so that a clock read after it counts that work; nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(devices):
