@@ -9,6 +9,7 @@ points is interpolated linearly; outside the measured epochs it is not forecast.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -190,3 +191,28 @@ def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
                                                           -pair[0].seconds), reverse=True)
     (best, at_the_end), runner_up = ranked[0], ranked[1][0] if len(ranked) > 1 else None
     return Choice(best, runner_up, at_the_end and not by_time)
+
+
+def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_left, budget_seconds, seconds_per_step,
+                     epoch_overhead_seconds, final_seconds):
+    """The pace control's decision at `step`, part-way through an epoch, with seconds_left before the deadline: the
+    step at which training should now end, or None to keep final_step.
+
+    Ending at a step leaves, at the measured seconds_per_step, some seconds spare before the deadline. While the
+    planned end leaves between MARGIN/2 and 3*MARGIN/2 of the budget spare, it stays. Outside that band it moves to
+    the last step that leaves a whole MARGIN: sooner when the run is behind (a noisy machine), later when it is
+    ahead (a probe's few steps run slower than an epoch's steady pace), but never past longest_step, the longest run
+    the accuracy table measured: beyond it accuracy is not known. The band keeps it from moving at every log line."""
+    def spare(end_step):  # falls as end_step grows
+        epoch_ends = -(-end_step // steps_per_epoch) - step // steps_per_epoch  # this epoch's end and later ones'
+        return seconds_left - (end_step - step) * seconds_per_step - epoch_ends * epoch_overhead_seconds - \
+            final_seconds
+
+    behind = spare(final_step) < MARGIN / 2 * budget_seconds
+    ahead = spare(final_step) > 3 * MARGIN / 2 * budget_seconds and final_step < longest_step
+    if not (behind or ahead):
+        return None
+    ends = range(step + 1, max(final_step, longest_step) + 1)
+    too_late = bisect.bisect_left(ends, True, key=lambda end_step: spare(end_step) < MARGIN * budget_seconds)
+    new_final_step = ends[max(too_late - 1, 0)]  # at least one more step: the schedule must end after this one
+    return None if new_final_step == final_step else new_final_step

@@ -107,7 +107,7 @@ CROSS_VALIDATION_KIND = "cifar-trainer-cross-validation"
 CROSS_VALIDATION_FORMAT = 2  # cross_validation.json's layout
 FOLD_FOLDER = re.compile(r"fold-\d+")
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
-CHECKPOINT_FORMAT = 6  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
+CHECKPOINT_FORMAT = 7  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -664,6 +664,8 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         "seconds": plan["budget"]["seconds"], "forecast_seconds": round(best.seconds, 1),
         "forecast_acc": best.accuracy, "accuracy_source": best.candidate.source or None,
         "beyond_table": choice.beyond_table, "probes": [r for r in probes if r is not None],
+        # How far the pace control may lengthen the run, and the accuracy the table gives each length.
+        "max_epochs": budget.epoch_grid(best.candidate, by_time)[-1], "table_points": best.candidate.points,
         "runner_up": runner_up and {"configuration": runner_up.candidate.label, "epochs": runner_up.epochs,
                                     "forecast_seconds": round(runner_up.seconds, 1),
                                     "forecast_acc": runner_up.accuracy},
@@ -967,9 +969,9 @@ class Schedule:
     """How far along its learning-rate curve the run is (progress 0 to 1) after a number of epochs (fractional).
 
     A plan's schedule runs straight from epoch 0 to its end, plan["epochs"]. --budget's pace control, when the run
-    falls behind, bends it at the point reached: from there the rest of the curve is squeezed into fewer epochs, so
-    the rates continue from where they are and still reach zero at the new end (ending part-way through an epoch
-    if need be)."""
+    falls behind or gets ahead, bends it at the point reached: from there the rest of the curve is squeezed into
+    fewer epochs or stretched over more, so the rates continue from where they are and still reach zero at the new
+    end (part-way through an epoch if need be)."""
     end_epoch: float
     bend_epoch: float = 0.0
     bend_progress: float = 0.0
@@ -1037,7 +1039,7 @@ class Run:
     memory_devices: list  # every GPU of a DataParallel group (any can run out), or the one device
     history: dict
     stop: StopRequest  # Ctrl-C / SIGTERM, once installed
-    schedule: Schedule  # the learning-rate schedule; --budget's pace control may end it sooner
+    schedule: Schedule  # the learning-rate schedule; --budget's pace control may move its end
     # Where the run stands: saved in last.pth, so that a resumed run continues exactly.
     step: int = 0
     start_epoch: int = 0
@@ -1253,7 +1255,7 @@ def train_one_epoch(run, epoch, skip=0):
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
             if plan["budget"] and not last_step:
-                keep_pace(run, epoch, (time.time() - started) / (b + 1 - skip))
+                keep_pace(run, (time.time() - started) / (b + 1 - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
         if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
@@ -1266,28 +1268,20 @@ def train_one_epoch(run, epoch, skip=0):
     return True
 
 
-def keep_pace(run, epoch, seconds_per_step):
-    """--budget: when the run, at the pace measured in this epoch, would end after its deadline less half its margin,
-    end the schedule sooner: at the last step that leaves the whole margin free (the rates bend to reach zero there,
-    Schedule). Never lengthens it: accuracy past the forecast epochs is not known. Under torchrun rank 0 decides."""
-    budget_seconds = run.plan["budget"]["seconds"]
-    deadline = STARTED + budget_seconds - run.seconds_before
+def keep_pace(run, seconds_per_step):
+    """--budget: move the schedule's end when the run, at the pace measured in this epoch, would finish too near its
+    deadline or too far before it (budget.paced_final_step decides; Schedule bends the rates to reach zero at the new
+    end). Under torchrun rank 0 decides."""
+    forecast = run.plan["budget"]
+    budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
-    overhead = run.epoch_overhead_seconds or run.plan["budget"]["epoch_overhead_seconds"]
-    now = time.time()
-
-    def finish(final_step):
-        epoch_ends = -(-final_step // steps_per_epoch) - epoch  # this epoch's end and the later ones'
-        return now + (final_step - run.step) * seconds_per_step + epoch_ends * overhead + \
-            run.plan["budget"]["final_seconds"]
-
-    end_epoch = None
-    if finish(run.final_step) > deadline - budget.MARGIN / 2 * budget_seconds:
-        final_step = run.final_step
-        while final_step > run.step + 1 and finish(final_step) > deadline - budget.MARGIN * budget_seconds:
-            final_step -= 1
-        end_epoch = final_step / steps_per_epoch
-    end_epoch = run.dist.broadcast_object(end_epoch)
+    final_step = budget.paced_final_step(
+        run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
+        seconds_left=STARTED + budget_seconds - run.seconds_before - time.time(), budget_seconds=budget_seconds,
+        seconds_per_step=seconds_per_step,
+        epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
+        final_seconds=forecast["final_seconds"])
+    end_epoch = run.dist.broadcast_object(None if final_step is None else final_step / steps_per_epoch)
     if end_epoch is None:
         return
     was, done = run.schedule.end_epoch, run.step / steps_per_epoch
@@ -1295,9 +1289,12 @@ def keep_pace(run, epoch, seconds_per_step):
     run.history["events"].append({"pace": {"at_epoch": round(done, 3), "end_epoch_was": round(was, 3),
                                            "end_epoch": round(end_epoch, 3),
                                            "seconds_per_step": round(seconds_per_step, 4)}})
-    print(f"[pace] behind the forecast ({seconds_per_step:.2f} s a step): training now ends at epoch {end_epoch:.2f} "
-          f"instead of {was:.2f}, to finish within the budget of {budget.duration_text(budget_seconds)}; the "
-          f"learning rate still decays to zero there", flush=True)
+    longest = ", the table's longest run" if forecast["accuracy_source"] else ""
+    why = "behind the forecast" if end_epoch < was else \
+        f"ahead of the forecast (it may run up to {forecast['max_epochs']:g} epochs{longest})"
+    print(f"[pace] {why} at {seconds_per_step:.2f} s a step: training now ends at epoch {end_epoch:.2f} instead of "
+          f"{was:.2f}, to finish within the budget of {budget.duration_text(budget_seconds)}; the learning rate "
+          f"decays to zero there", flush=True)
 
 
 def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None):
@@ -1604,13 +1601,20 @@ def finish_run(run, data, tta):
 
 def budget_outcome(run, test_acc_tta):
     """--budget's forecast against what the run reached (said, and kept in the history). The time is the run's own,
-    from its start to now (the last save is still to come), less any time it spent stopped before a resume."""
+    from its start to now (the last save is still to come), less any time it spent stopped before a resume. Where the
+    pace control moved the end, the table's accuracy for the epochs actually trained is given too."""
     forecast = run.plan["budget"]
     seconds = run.seconds_before + time.time() - STARTED
+    epochs_trained = run.step / len(run.train_batches)
+    table_acc = budget.expected_accuracy(forecast["table_points"], round(epochs_trained, 3))
     outcome = {"budget_seconds": forecast["seconds"], "forecast_seconds": forecast["forecast_seconds"],
                "seconds": round(seconds, 1), "forecast_acc": forecast["forecast_acc"], "test_acc_tta": test_acc_tta,
-               "epochs_planned": run.plan["epochs"], "epochs_trained": round(run.step / len(run.train_batches), 3)}
-    accuracy = f", forecast {forecast['forecast_acc']:.2f}%" if forecast["forecast_acc"] is not None else ""
+               "epochs_planned": run.plan["epochs"], "epochs_trained": round(epochs_trained, 3),
+               "table_acc_for_epochs_trained": table_acc and round(table_acc, 2)}
+    accuracy = f", forecast {forecast['forecast_acc']:.2f}% for {run.plan['epochs']:g} epochs" \
+        if forecast["forecast_acc"] is not None else ""
+    if table_acc is not None and abs(epochs_trained - run.plan["epochs"]) > 0.05:
+        accuracy += f" (the table's {table_acc:.2f}% for the {epochs_trained:.2f} trained)"
     print(f"[budget] finished in {budget.duration_text(seconds)} of {budget.duration_text(forecast['seconds'])} "
           f"(forecast {budget.duration_text(forecast['forecast_seconds'])}): {test_acc_tta:.2f}% with TTA{accuracy}")
     return outcome
