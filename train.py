@@ -2134,11 +2134,14 @@ def check_resume_matches_flags(args, path, state):
              "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]),  # a CV has folds instead
              "--patience": (args.patience, plan["patience"]), "--folds": (args.folds, folds_of(plan)),
              "--budget": (args.budget, plan["budget"] and plan["budget"]["seconds"])}
+    def shown(flag, value):
+        return budget.duration_text(value) if flag == "--budget" else value
+
     for flag, (value, planned) in given.items():
         if value is not None and value != planned:
-            raise UserError(f"--resume: {path} is a run with {flag} {planned}, but {flag} {value} was "
-                            f"given. A resumed run keeps its plan; drop {flag}, or start a new run in another "
-                            f"--out-dir.")
+            had = f"{flag} {shown(flag, planned)}" if planned is not None else f"no {flag}"
+            raise UserError(f"--resume: {path} is a run with {had}, but {flag} {shown(flag, value)} was given. A "
+                            f"resumed run keeps its plan; drop {flag}, or start a new run in another --out-dir.")
 
 
 def restore_run(run, state):

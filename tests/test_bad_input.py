@@ -119,11 +119,13 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
     assert_refused(run_cli("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
 
 
-def test_resume_with_another_model_precision_dataset_or_image_size_is_refused(finished_run, tiny_data):
+def test_resume_with_another_model_precision_dataset_image_size_or_budget_is_refused(finished_run, tiny_data):
     out = finished_run  # SmallCifarNet, fp32, CIFAR-10, 32x32
     before = (out / "last.pth").read_bytes()
     for flag, saved, given in [("--model", "SmallCifarNet", "PowerCifarNet"), ("--precision", "fp32", "bf16"),
                                ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24")]:
         result = run_cli("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
         assert_refused(result, f"is a run with {flag} {saved}, but {flag} {given} was given")
+    result = run_cli("--resume", "--out-dir", out, "--budget", "10m", "--data-dir", tiny_data)
+    assert_refused(result, "is a run with no --budget, but --budget 10 min 0 s was given")
     assert (out / "last.pth").read_bytes() == before

@@ -194,7 +194,7 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     assert planned["budget"]["seconds"] == 18 and state["seconds_spent"] > 0
 
     refused = run_cli("--resume", "--out-dir", tmp_path, "--budget", "1h")
-    assert refused.returncode == 2 and "--budget" in refused.stderr
+    assert refused.returncode == 2 and "is a run with --budget 18 s, but --budget 1 h 0 min was given" in refused.stderr
     result = run_trainer("--resume", "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
