@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import sys
 import time
 
@@ -530,7 +531,7 @@ def print_plan(plan):
 # budget.choose (pure) picks the most accurate one that fits, whose plan replaces it before anything trains.
 
 PROBE_SHARE = 0.05  # of the budget, at most, spent probing
-PROBE_STEPS = 3  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
+PROBE_STEPS = 5  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
 PROBE_CPU_BATCH = 500  # images per probe step on a CPU: images/s is the same from 512 to 2000 there (measured), and
 # a step of 2000 takes seconds
 FORECAST_SAVE_SECONDS = 1.0  # saving last.pth, the history and its curves after an epoch (an estimate; see RESULTS)
@@ -629,13 +630,16 @@ def probe_throughput(plan, data, dist):
     set_learning_rates(optimizer, plan, plan["batch_size"], 0, 1)
 
     def timed(work, repeats):
-        work()  # warm-up
+        """The median call's seconds, after a warm-up call: single steps on a shared machine vary by a third."""
+        work()
         synchronize(device)
-        t0 = time.perf_counter()
+        seconds = []
         for _ in range(repeats):
+            t0 = time.perf_counter()
             work()
-        synchronize(device)
-        return (time.perf_counter() - t0) / repeats
+            synchronize(device)
+            seconds.append(time.perf_counter() - t0)
+        return statistics.median(seconds)
 
     try:
         step_seconds = timed(lambda: training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype,
