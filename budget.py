@@ -35,7 +35,7 @@ def parse_duration(text):
 
 def duration_text(seconds):
     """12 min 5 s, 1 h 3 min, 45 s."""
-    seconds = round(seconds)
+    seconds = math.floor(seconds + 0.5)  # halves up: round() would print 564.5 and 564.54 a second apart
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:
@@ -200,9 +200,10 @@ def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_le
 
     Ending at a step leaves, at the measured seconds_per_step, some seconds spare before the deadline. While the
     planned end leaves between MARGIN/2 and 3*MARGIN/2 of the budget spare, it stays. Outside that band it moves to
-    the last step that leaves a whole MARGIN: sooner when the run is behind (a noisy machine), later when it is
-    ahead (a probe's few steps run slower than an epoch's steady pace), but never past longest_step, the longest run
-    the accuracy table measured: beyond it accuracy is not known. The band keeps it from moving at every log line."""
+    the last step that leaves a whole MARGIN: sooner when the run is behind (a noisy machine, or a probe that
+    measured it faster than its epochs run), later when it is ahead, but never past longest_step, the table's
+    longest run of this configuration: beyond it accuracy is not known. The band keeps small swings of the measured
+    pace from moving it."""
     def spare(end_step):  # falls as end_step grows
         epoch_ends = -(-end_step // steps_per_epoch) - step // steps_per_epoch  # this epoch's end and later ones'
         return seconds_left - (end_step - step) * seconds_per_step - epoch_ends * epoch_overhead_seconds - \

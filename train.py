@@ -2138,6 +2138,7 @@ def check_resume_matches_flags(args, path, state):
              "--val-split": (args.val_split, 0 if folds_of(plan) else plan["val_split"]),  # a CV has folds instead
              "--patience": (args.patience, plan["patience"]), "--folds": (args.folds, folds_of(plan)),
              "--budget": (args.budget, plan["budget"] and plan["budget"]["seconds"])}
+
     def shown(flag, value):
         return budget.duration_text(value) if flag == "--budget" else value
 

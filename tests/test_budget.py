@@ -27,6 +27,7 @@ def latest_fitting_epochs(candidate, probe, workload, budget_seconds):
 
 def test_durations_are_read_with_their_units_and_bare_numbers_are_refused():
     assert [budget.parse_duration(t) for t in ("90s", "10m", "1.5h", "1h30m", "2 min")] == [90, 600, 5400, 5400, 120]
+    assert budget.duration_text(564.5) == budget.duration_text(564.54) == "9 min 25 s"  # a plan rounds to 0.1 s
     for text in ("10", "ten minutes", "5x", "m", ""):
         with pytest.raises(ValueError):
             budget.parse_duration(text)
