@@ -561,7 +561,7 @@ def plan_for_budget(args, hw, plan, dataset, data, dist):
             f"{budget.duration_text(quickest.seconds)} on this machine (start-up, data and probe included). Give "
             f"--budget {math.ceil(outcome.smallest_budget / 60)}m or more. Nothing was trained or written.")
     chosen = budget_plan(plan, outcome, records, workload, args.tta, by_time)
-    print_budget_choice(chosen, outcome, budget_seconds)
+    print_budget_choice(outcome, budget_seconds)
     return chosen
 
 
@@ -678,7 +678,7 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2)})
 
 
-def print_budget_choice(plan, choice, budget_seconds):
+def print_budget_choice(choice, budget_seconds):
     best, runner_up = choice.best, choice.runner_up
     accuracy = f"forecast {best.accuracy:.2f}% with TTA" if best.accuracy is not None else "accuracy not forecast"
     print(f"[budget] choice: {best.candidate.label} for {best.epochs:g} epochs: {accuracy}, finishing in "
@@ -1063,6 +1063,11 @@ class Run:
         return "GPU Mem" if self.device.type == "cuda" else "Mem"
 
     @property
+    def seconds_spent(self):
+        """Wall time of this run so far: its earlier processes' and this one's, from STARTED (--budget counts it)."""
+        return self.seconds_before + time.time() - STARTED
+
+    @property
     def final_step(self):
         """The step at which the schedule ends (training stops there, maybe part-way through an epoch)."""
         return round(self.schedule.end_epoch * len(self.train_batches))
@@ -1281,7 +1286,7 @@ def keep_pace(run, seconds_per_step):
     steps_per_epoch = len(run.train_batches)
     final_step = budget.paced_final_step(
         run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
-        seconds_left=STARTED + budget_seconds - run.seconds_before - time.time(), budget_seconds=budget_seconds,
+        seconds_left=budget_seconds - run.seconds_spent, budget_seconds=budget_seconds,
         seconds_per_step=seconds_per_step,
         epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
         final_seconds=forecast["final_seconds"])
@@ -1608,7 +1613,7 @@ def budget_outcome(run, test_acc_tta):
     from its start to now (the last save is still to come), less any time it spent stopped before a resume. Where the
     pace control moved the end, the table's accuracy for the epochs actually trained is given too."""
     forecast = run.plan["budget"]
-    seconds = run.seconds_before + time.time() - STARTED
+    seconds = run.seconds_spent
     epochs_trained = run.step / len(run.train_batches)
     table_acc = budget.expected_accuracy(forecast["table_points"], round(epochs_trained, 3))
     outcome = {"budget_seconds": forecast["seconds"], "forecast_seconds": forecast["forecast_seconds"],
@@ -1982,7 +1987,7 @@ def training_state(run, epoch):
         "epoch_sums": run.epoch_sums.cpu(),
         "epoch_seconds": run.epoch_seconds,
         "schedule": dataclasses.asdict(run.schedule),
-        "seconds_spent": run.seconds_before + time.time() - STARTED,  # --budget counts them on a resume
+        "seconds_spent": run.seconds_spent,  # --budget counts them on a resume
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
@@ -2269,8 +2274,8 @@ def parse_args(argv=None):
                    help="the whole run, start to exit, within TIME (e.g. 90s, 10m, 1.5h): a short throughput probe "
                         "measures the candidate configurations here, and the one with the best accuracy forecast "
                         "(bench/accuracy_table.json) that fits is trained for as many epochs as fit; a run that "
-                        "falls behind shortens its schedule. With --model or another dataset, only the epochs are "
-                        "chosen. Default: the plan's tier table")
+                        "falls behind or gets ahead moves its schedule's end (never past the table's longest run). "
+                        "With --model or another dataset, only the epochs are chosen. Default: the plan's tier table")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per step, across all GPUs and ranks (default: {BATCH_SIZE})")
     p.add_argument("--lr", type=float, default=None,
