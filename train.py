@@ -577,8 +577,8 @@ def budget_candidates(args, plan, dataset, table):
              if args.batch_size in (None, c.batch_size) and c.batch_size % plan["world_size"] == 0]
     if dataset.key != budget.TABLE_DATASET:
         found = []
-    elif args.model is not None:
-        found = [c for c in found if c.model_kwargs == plan["model_kwargs"]][:1]
+    elif args.model is not None:  # the plan's configuration: only its epochs are chosen
+        found = [c for c in found if c.model_kwargs == plan["model_kwargs"] and c.batch_size == plan["batch_size"]]
     if not found:
         return [budget.Candidate(plan["model"], dict(plan["model_kwargs"]), plan["precision"], plan["batch_size"])], \
             True
@@ -596,24 +596,43 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
     probes, records, spent = [None] * len(candidates), [None] * len(candidates), 0.0
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
+    # One probe per network and probe batch: on a CPU every batch size is probed at PROBE_CPU_BATCH, so the
+    # candidates that differ only in batch share one measurement, and the choice between them is not made by noise.
+    probed = {}  # (model, model_kwargs, probe batch) -> (the probe, the label of the candidate it measured)
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
-        candidate, skip = candidates[index], None
-        if spent > PROBE_SHARE * budget_seconds:
+        candidate, skip, shared = candidates[index], None, ""
+        trial_plan = candidate_plan(plan, candidate)
+        key = (candidate.model, repr(candidate.model_kwargs), probe_batch_size(trial_plan, data, dist))
+        if key in probed:
+            probes[index], measured_label = probed[key]
+            shared = f" (shared with {measured_label}: both probed at batch {key[2]})"
+        elif spent > PROBE_SHARE * budget_seconds:
             skip = f"not probed: the probe's share of the budget ({PROBE_SHARE:.0%}) is spent"
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
-        if skip is None:
+        if skip is None and not shared:
             t0 = time.time()
-            probes[index] = dist.broadcast_object(probe_throughput(candidate_plan(plan, candidate), data, dist))
+            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist))
             spent += time.time() - t0
-            skip = None if probes[index] else "out of memory at this batch"
+            probed[key] = probes[index], candidate.label
+        if probes[index] is None and not skip:
+            skip = "out of memory at this batch"
         probe = probes[index]
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
             "eval_images_per_s": round(probe.eval_images_per_s, 1)}
         print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training, "
-                                                              f"{probe.eval_images_per_s:,.0f} evaluating"), flush=True)
+                                                              f"{probe.eval_images_per_s:,.0f} evaluating{shared}"),
+              flush=True)
     print(f"[budget] probing took {spent:.1f}s")
     return probes, records
+
+
+def probe_batch_size(plan, data, dist):
+    """Images per probe step on each rank: the plan's, but at most PROBE_CPU_BATCH on a CPU."""
+    batch = plan["batch_size"] // dist.world_size
+    if torch.device(plan["device"]).type == "cpu":
+        batch = min(batch, PROBE_CPU_BATCH)
+    return min(batch, len(data.train_images))
 
 
 def probe_throughput(plan, data, dist):
@@ -621,10 +640,7 @@ def probe_throughput(plan, data, dist):
     steps on real training images (the model is thrown away after). None if it runs out of memory."""
     device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
     optimizer = make_optimizer(model, plan)
-    batch = plan["batch_size"] // dist.world_size
-    if device.type == "cpu":
-        batch = min(batch, PROBE_CPU_BATCH)
-    batch = min(batch, len(data.train_images))
+    batch = probe_batch_size(plan, data, dist)
     inputs = normalize(data.train_images[:batch], (data.mean, data.std)).contiguous(memory_format=torch.channels_last)
     labels = data.train_labels[:batch]
     set_learning_rates(optimizer, plan, plan["batch_size"], 0, 1)
@@ -1057,6 +1073,7 @@ class Run:
     best_state: dict | None = None
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
     epoch_overhead_seconds: float | None = None  # the last epoch's evaluation and saving, measured for --budget
+    last_epoch_steps: tuple = (0.0, 0)  # seconds and steps of the last whole epoch's training, for --budget's pace
 
     @property
     def memory_label(self):
@@ -1264,7 +1281,9 @@ def train_one_epoch(run, epoch, skip=0):
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
             if plan["budget"] and not last_step:
-                keep_pace(run, (time.time() - started) / (b + 1 - skip))
+                # Paced over the last whole epoch and this one so far: a few steps alone swing by a tenth either way.
+                keep_pace(run, (run.last_epoch_steps[0] + time.time() - started) /
+                          (run.last_epoch_steps[1] + b + 1 - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
         if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
@@ -1274,13 +1293,15 @@ def train_one_epoch(run, epoch, skip=0):
             return False
     if bar is not None:
         bar.close()
+    if skip == 0 and run.batch_in_epoch == steps_per_epoch:
+        run.last_epoch_steps = (time.time() - started, steps_per_epoch)
     return True
 
 
 def keep_pace(run, seconds_per_step):
-    """--budget: move the schedule's end when the run, at the pace measured in this epoch, would finish too near its
-    deadline or too far before it (budget.paced_final_step decides; Schedule bends the rates to reach zero at the new
-    end). Under torchrun rank 0 decides."""
+    """--budget: move the schedule's end when the run, at its measured pace (seconds_per_step), would finish too
+    near its deadline or too far before it (budget.paced_final_step decides; Schedule bends the rates to reach zero
+    at the new end). Under torchrun rank 0 decides."""
     forecast = run.plan["budget"]
     budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
@@ -1338,6 +1359,7 @@ def back_off_batch_size(run, epoch_start):
     # The same process goes on: its time before this epoch is already counted from STARTED.
     restore_run(run, dict(epoch_start, batch_size=new_batch, seconds_spent=run.seconds_before))
     run.step = epoch * len(run.train_batches)  # the same point of the schedule, in the new step count
+    run.last_epoch_steps = (0.0, 0)  # steps of the old batch size pace nothing now
     run.history["events"].append({"out_of_memory": {"epoch": epoch + 1, "batch_size": new_batch}})
     print(f"[oom] out of memory in epoch {epoch + 1}: retrying it with batch size {new_batch}", file=sys.stderr)
 

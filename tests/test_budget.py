@@ -1,8 +1,10 @@
 """Issue 16: --budget. The chooser (pure) with made-up probes, the pace control on a run slowed after its probe and
 on one that runs faster than its probe said, and a budgeted run interrupted and resumed."""
+import dataclasses
 import json
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +104,25 @@ def test_the_repository_table_is_well_formed():
         epochs = [p["epochs"] for p in entry["points"]]
         assert epochs == sorted(set(epochs)) and all(0 < p["test_acc_tta"] < 100 for p in entry["points"])
     assert budget.table_candidates(table, "cpu", "fp32")[0].model == "SmallCifarNet"
+
+
+def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch):
+    """A CPU probes every batch at PROBE_CPU_BATCH (500): batch 2000 and 500 of one network are one measurement,
+    so noise between two probes cannot pick between them; batch 250 is probed at its own size."""
+    probed_batches = []
+
+    def counted_probe(plan, data, dist):
+        probed_batches.append(plan["batch_size"])
+        return Probe(400.0 + len(probed_batches), 1500.0)
+
+    monkeypatch.setattr(train, "probe_throughput", counted_probe)
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
+    candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 500, 250)]
+    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600)
+    assert probed_batches == [2000, 250]
+    assert probes[1] is probes[0] and probes[2] != probes[0]
+    assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
 
 
 def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny_data, tmp_path, monkeypatch):
