@@ -50,6 +50,21 @@ def test_accuracy_is_interpolated_between_measured_points_and_never_extrapolated
     assert budget.expected_accuracy(((8, 94.01),), 8) == 94.01 and budget.expected_accuracy(((8, 94.01),), 7) is None
 
 
+def test_a_table_point_below_an_earlier_one_is_left_out():
+    """Seed noise must not make fewer epochs the better choice: with 4 epochs at 86.62% and 5 at 86.55%, a budget
+    that fits 5 epochs trains them, forecast between 4 and 7."""
+    table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 500,
+              "device_type": "cpu", "source": "measured", "points": [
+                  {"epochs": e, "test_acc_tta": a, "data": "made up"} for e, a in ((3, 85.38), (4, 86.62), (5, 86.55),
+                                                                                 (7, 88.11))]}]
+    candidate, = budget.table_candidates(table, "cpu", "fp32")
+    assert candidate.points == ((3, 85.38), (4, 86.62), (7, 88.11))
+    probe = Probe(530, 1500)
+    choice = budget.choose([candidate], [probe], CIFAR10, 600, tta=2)
+    assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 600) == 5
+    assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) / 3)
+
+
 def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
     probes = [Probe(530, 1500), Probe(160, 450)]  # measured-like: PowerCifarNet is 3.3x slower on this CPU
     choice = budget.choose([SMALL, POWER], probes, CIFAR10, 600, tta=2)
