@@ -602,7 +602,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, skip, shared = candidates[index], None, ""
         trial_plan = candidate_plan(plan, candidate)
-        key = (candidate.model, repr(candidate.model_kwargs), probe_batch_size(trial_plan, data, dist))
+        key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), probe_batch_size(trial_plan, data, dist))
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[2]})"
