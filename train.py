@@ -1073,7 +1073,6 @@ class Run:
     best_state: dict | None = None
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
     epoch_overhead_seconds: float | None = None  # the last epoch's evaluation and saving, measured for --budget
-    last_epoch_steps: tuple = (0.0, 0)  # seconds and steps of the last whole epoch's training, for --budget's pace
 
     @property
     def memory_label(self):
@@ -1282,8 +1281,8 @@ def train_one_epoch(run, epoch, skip=0):
             (bar.write if bar is not None else print)(line)
             if plan["budget"] and not last_step:
                 # Paced over the last whole epoch and this one so far: a few steps alone swing by a tenth either way.
-                keep_pace(run, (run.last_epoch_steps[0] + time.time() - started) /
-                          (run.last_epoch_steps[1] + b + 1 - skip))
+                seconds_before, steps_before = last_epoch_training(run)
+                keep_pace(run, (seconds_before + time.time() - started) / (steps_before + b + 1 - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
         if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
@@ -1293,9 +1292,16 @@ def train_one_epoch(run, epoch, skip=0):
             return False
     if bar is not None:
         bar.close()
-    if skip == 0 and run.batch_in_epoch == steps_per_epoch:
-        run.last_epoch_steps = (time.time() - started, steps_per_epoch)
     return True
+
+
+def last_epoch_training(run):
+    """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) before the first epoch
+    or when that epoch ran at another batch size (before an out-of-memory back-off)."""
+    rows = run.history["epochs"]
+    if not rows or rows[-1]["batch_size"] != run.batch_size:
+        return 0.0, 0
+    return rows[-1]["seconds"], rows[-1]["steps"]
 
 
 def keep_pace(run, seconds_per_step):
@@ -1359,7 +1365,6 @@ def back_off_batch_size(run, epoch_start):
     # The same process goes on: its time before this epoch is already counted from STARTED.
     restore_run(run, dict(epoch_start, batch_size=new_batch, seconds_spent=run.seconds_before))
     run.step = epoch * len(run.train_batches)  # the same point of the schedule, in the new step count
-    run.last_epoch_steps = (0.0, 0)  # steps of the old batch size pace nothing now
     run.history["events"].append({"out_of_memory": {"epoch": epoch + 1, "batch_size": new_batch}})
     print(f"[oom] out of memory in epoch {epoch + 1}: retrying it with batch size {new_batch}", file=sys.stderr)
 
