@@ -188,6 +188,18 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
     assert paced(10) == 16  # hopeless: end after the next step
 
 
+def test_the_pace_pools_only_a_last_epoch_run_at_the_current_batch_size():
+    """The pace is measured over the last whole epoch and the current one; an epoch trained at another batch size
+    (before an out-of-memory back-off) has steps of another length and is left out."""
+    def run_with(*rows, batch_size=500):
+        return SimpleNamespace(batch_size=batch_size, history={"epochs": [
+            {"seconds": seconds, "steps": steps, "batch_size": batch} for seconds, steps, batch in rows]})
+
+    assert train.last_epoch_training(run_with()) == (0.0, 0)
+    assert train.last_epoch_training(run_with((90.0, 100, 500), (80.0, 100, 500))) == (80.0, 100)
+    assert train.last_epoch_training(run_with((80.0, 50, 1000))) == (0.0, 0)
+
+
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
     """The real trainer on the tiny data, its probe reporting half the real training speed: the epochs chosen would
     finish early, so the pace control must lengthen the run, still within the budget and the (made-up) table."""
