@@ -1280,7 +1280,7 @@ def train_one_epoch(run, epoch, skip=0):
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
             if plan["budget"] and not last_step:
-                # Paced over the last whole epoch and this one so far: a few steps alone swing by a tenth either way.
+                # Paced over the last epoch's row and this epoch so far: a few steps alone swing by a tenth either way.
                 seconds_before, steps_before = last_epoch_training(run)
                 keep_pace(run, (seconds_before + time.time() - started) / (steps_before + b + 1 - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
@@ -1296,10 +1296,11 @@ def train_one_epoch(run, epoch, skip=0):
 
 
 def last_epoch_training(run):
-    """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) before the first epoch
-    or when that epoch ran at another batch size (before an out-of-memory back-off)."""
+    """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) unless that epoch ended
+    after this process started or last retried an epoch (restore_run sets start_epoch): a resumed run may run on
+    other hardware, and an epoch before an out-of-memory back-off ran at another batch size."""
     rows = run.history["epochs"]
-    if not rows or rows[-1]["batch_size"] != run.batch_size:
+    if not rows or rows[-1]["epoch"] <= run.start_epoch:
         return 0.0, 0
     return rows[-1]["seconds"], rows[-1]["steps"]
 

@@ -188,16 +188,18 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
     assert paced(10) == 16  # hopeless: end after the next step
 
 
-def test_the_pace_pools_only_a_last_epoch_run_at_the_current_batch_size():
-    """The pace is measured over the last whole epoch and the current one; an epoch trained at another batch size
-    (before an out-of-memory back-off) has steps of another length and is left out."""
-    def run_with(*rows, batch_size=500):
-        return SimpleNamespace(batch_size=batch_size, history={"epochs": [
-            {"seconds": seconds, "steps": steps, "batch_size": batch} for seconds, steps, batch in rows]})
+def test_the_pace_pools_only_a_last_epoch_this_process_ended():
+    """The pace is measured over the last epoch's row and the current epoch. A row from before a resume (other
+    hardware, perhaps) or before an out-of-memory retry (another batch size: restore_run sets start_epoch to the
+    retried epoch) is left out."""
+    def run_with(*rows, start_epoch=0):
+        return SimpleNamespace(start_epoch=start_epoch, history={"epochs": [
+            {"epoch": epoch, "seconds": seconds, "steps": steps} for epoch, (seconds, steps) in enumerate(rows, 1)]})
 
     assert train.last_epoch_training(run_with()) == (0.0, 0)
-    assert train.last_epoch_training(run_with((90.0, 100, 500), (80.0, 100, 500))) == (80.0, 100)
-    assert train.last_epoch_training(run_with((80.0, 50, 1000))) == (0.0, 0)
+    assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100))) == (80.0, 100)
+    assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=1)) == (80.0, 100)
+    assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=2)) == (0.0, 0)
 
 
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
