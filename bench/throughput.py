@@ -4,6 +4,7 @@
     python bench/throughput.py --widths 64,256,256 --precision bf16
     python bench/throughput.py --widths 32,128,128 32,96,128 48,192,192
     python bench/throughput.py --models ResNet18 ResNet34 ResNet50 --batch-size 256
+    python bench/throughput.py --frozen-stem                  # the steps after the stem bias freezes
 
 Times the training step the trainer runs (forward, label-smoothed loss, backward, Muon step) on random
 images, after warm-up steps, on the CPU with one thread per core. Use it to compare widths and precisions
@@ -29,11 +30,15 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=6, help="timed steps, after 2 warm-up steps")
+    p.add_argument("--frozen-stem", action="store_true",
+                   help="time the steps of the epochs after the stem bias freezes (train.STEM_BIAS_EPOCHS)")
     return p.parse_args()
 
 
-def images_per_second(net, plan, steps):
+def images_per_second(net, plan, steps, frozen_stem):
     net = net.to(memory_format=torch.channels_last)
+    for parameter in net.parameter_groups()["stem_bias"]:  # as train_one_epoch sets it
+        parameter.requires_grad = not frozen_stem
     optimizer = train.make_optimizer(net, plan)
     train.set_learning_rates(optimizer, plan, plan["batch_size"], step=0, steps_per_epoch=1)  # the peak rates
     autocast_dtype, scaler = train.make_precision(plan["precision"], torch.device("cpu"))
@@ -54,13 +59,16 @@ def main():
     networks = [(name, build_model(name), dict(model=name)) for name in args.models] or \
         [(f"widths {spec.replace(',', '/')}", CifarNet([int(w) for w in spec.split(",")]), {}) for spec in args.widths]
     train.keep_freed_memory()  # as the trainer does on the CPU
-    print(f"batch {args.batch_size}, {args.precision}, torch {torch.__version__}")
+    stem = ", stem bias frozen" if args.frozen_stem else ""
+    print(f"batch {args.batch_size}, {args.precision}{stem}, torch {torch.__version__}")
     for label, net, model in networks:
         plan = train.make_plan(hw, batch_size=args.batch_size, precision=args.precision, **model)
         torch.set_num_threads(plan["threads"])
-        rate, macs = images_per_second(net, plan, args.steps)
+        rate, macs = images_per_second(net, plan, args.steps, args.frozen_stem)
+        no_stem = " (it has no stem bias to freeze)" if args.frozen_stem and not net.parameter_groups()["stem_bias"] else ""
         print(f"{label:>20}: {rate:6.0f} images/s, {macs / 1e6:6.1f}M multiply-adds per image "
-              f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads")
+              f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads"
+              f"{no_stem}")
 
 if __name__ == "__main__":
     main()
