@@ -65,7 +65,8 @@ def main():
         plan = train.make_plan(hw, batch_size=args.batch_size, precision=args.precision, **model)
         torch.set_num_threads(plan["threads"])
         rate, macs = images_per_second(net, plan, args.steps, args.frozen_stem)
-        no_stem = " (it has no stem bias to freeze)" if args.frozen_stem and not net.parameter_groups()["stem_bias"] else ""
+        no_stem = " (it has no stem bias to freeze)" \
+            if args.frozen_stem and not net.parameter_groups()["stem_bias"] else ""
         print(f"{label:>20}: {rate:6.0f} images/s, {macs / 1e6:6.1f}M multiply-adds per image "
               f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads"
               f"{no_stem}")
