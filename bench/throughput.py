@@ -35,10 +35,8 @@ def parse_args():
     return p.parse_args()
 
 
-def images_per_second(net, plan, steps, frozen_stem):
+def images_per_second(net, plan, steps):
     net = net.to(memory_format=torch.channels_last)
-    for parameter in net.parameter_groups()["stem_bias"]:  # as train_one_epoch sets it
-        parameter.requires_grad = not frozen_stem
     optimizer = train.make_optimizer(net, plan)
     train.set_learning_rates(optimizer, plan, plan["batch_size"], step=0, steps_per_epoch=1)  # the peak rates
     autocast_dtype, scaler = train.make_precision(plan["precision"], torch.device("cpu"))
@@ -64,9 +62,11 @@ def main():
     for label, net, model in networks:
         plan = train.make_plan(hw, batch_size=args.batch_size, precision=args.precision, **model)
         torch.set_num_threads(plan["threads"])
-        rate, macs = images_per_second(net, plan, args.steps, args.frozen_stem)
-        no_stem = " (it has no stem bias to freeze)" \
-            if args.frozen_stem and not net.parameter_groups()["stem_bias"] else ""
+        stem_bias = net.parameter_groups()["stem_bias"]
+        for parameter in stem_bias:  # as train_one_epoch sets it
+            parameter.requires_grad = not args.frozen_stem
+        rate, macs = images_per_second(net, plan, args.steps)
+        no_stem = " (it has no stem bias to freeze)" if args.frozen_stem and not stem_bias else ""
         print(f"{label:>20}: {rate:6.0f} images/s, {macs / 1e6:6.1f}M multiply-adds per image "
               f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads"
               f"{no_stem}")
