@@ -3,9 +3,9 @@
 Pure functions, no torch: train.py measures this machine (its throughput probe), this module forecasts each
 candidate's time and accuracy and chooses; tests/test_budget.py drives it with made-up probes.
 
-The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch), test accuracy
-with TTA after E epochs, measured here by bench/accuracy_table.py or published (marked so). Accuracy between two
-points is interpolated linearly; outside the measured epochs it is not forecast.
+The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch, backprop
+fraction), test accuracy with TTA after E epochs, measured here by bench/accuracy_table.py or published (marked
+so). Accuracy between two points is interpolated linearly; outside the measured epochs it is not forecast.
 """
 from __future__ import annotations
 
@@ -50,13 +50,15 @@ class Candidate:
     model_kwargs: dict
     precision: str
     batch_size: int
+    backprop_fraction: float = 1.0  # of each batch, its hardest examples (train.training_step)
     points: tuple = ()  # ((epochs, test accuracy % with TTA), ...) sorted by epochs; () when not known
     source: str = ""  # where the points come from, said with the forecast
 
     @property
     def label(self):
         kwargs = ", ".join(f"{k}={v}" for k, v in self.model_kwargs.items())
-        return f"{self.model}({kwargs}) {self.precision}, batch {self.batch_size}"
+        hardest = f", hardest {self.backprop_fraction:.0%} backpropagated" if self.backprop_fraction < 1 else ""
+        return f"{self.model}({kwargs}) {self.precision}, batch {self.batch_size}{hardest}"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def table_candidates(table, device_type, precision, model=None, width_mult=None)
         source = entry["source"] if entry["source"] != "measured" else \
             f"bench/accuracy_table.json, measured here on {entry['points'][0]['data']}"
         found.append(Candidate(entry["model"], dict(entry["model_kwargs"]), entry["precision"], entry["batch_size"],
-                               points, source))
+                               entry["backprop_fraction"], points, source))
     return found
 
 

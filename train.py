@@ -105,10 +105,10 @@ CROSS_VALIDATION_STATE = "cross_validation.json"  # what --resume continues: the
 CROSS_VALIDATION_TABLE = "cross_validation.md"
 CROSS_VALIDATION_FILES = (CROSS_VALIDATION_STATE, CROSS_VALIDATION_TABLE)
 CROSS_VALIDATION_KIND = "cifar-trainer-cross-validation"
-CROSS_VALIDATION_FORMAT = 2  # cross_validation.json's layout
+CROSS_VALIDATION_FORMAT = 3  # cross_validation.json's layout
 FOLD_FOLDER = re.compile(r"fold-\d+")
 CHECKPOINT_KIND = "cifar-trainer-state"  # "cifar10-trainer-state" before format 4
-CHECKPOINT_FORMAT = 7  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
+CHECKPOINT_FORMAT = 8  # last.pth's layout; raised when it changes, so an older last.pth is refused clearly
 DEFAULT_DATA_DIR = "data"
 # What --disable-auto uses for anything the user does not give: the reference GPU recipe.
 MANUAL_DEFAULTS = dict(model="PowerCifarNet", model_kwargs={"width_mult": 1.0}, epochs=8)
@@ -226,7 +226,7 @@ def print_hardware(hw):
 
 def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False, model=None,
               width_mult=None, precision=None, val_split=None, patience=None, folds=None, budget_seconds=None,
-              world_size=1, local_rank=0, local_world_size=1, threads=None):
+              backprop_fraction=None, world_size=1, local_rank=0, local_world_size=1, threads=None):
     """Decide devices, model, batch size, learning rate, epochs, precision and how the saved model is chosen,
     each with its reason.
 
@@ -261,6 +261,8 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
                          "ResNets)")
     plan["batch_size"], reasons["batch_size"] = _given_or(batch_size, tier_batch, "--batch-size",
                                                           "the recipe's global batch")
+    plan["backprop_fraction"], reasons["backprop_fraction"] = _given_or(
+        backprop_fraction, 1.0, "--backprop-fraction", "every example of each batch is backpropagated")
     plan["lr"], reasons["lr"] = _given_or(lr, defaults["lr"], "--lr", defaults["lr_reason"])
     plan["weight_decay"], reasons["weight_decay"] = _given_or(weight_decay, defaults["weight_decay"],
                                                               "--weight-decay", defaults["weight_decay_reason"])
@@ -452,8 +454,9 @@ def plan_for_flags(args, hw, dist, threads=None):
     return make_plan(hw, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      disable_auto=args.disable_auto, model=args.model, width_mult=args.width_mult,
                      precision=args.precision, val_split=args.val_split, patience=args.patience, folds=args.folds,
-                     budget_seconds=args.budget, world_size=dist.world_size, local_rank=dist.local_rank,
-                     local_world_size=dist.local_world_size, threads=threads)
+                     budget_seconds=args.budget, backprop_fraction=args.backprop_fraction,
+                     world_size=dist.world_size, local_rank=dist.local_rank, local_world_size=dist.local_world_size,
+                     threads=threads)
 
 
 def place_resumed_plan(saved, hw, world_size=1, local_rank=0, local_world_size=1, threads=None):
@@ -511,6 +514,9 @@ def print_plan(plan):
     print(f"[plan] model: {model_text(plan['model'], plan['model_kwargs'])} ({r['model']})")
     print(f"[plan] recipe: {plan['recipe']} ({r['recipe']})")
     print(f"[plan] batch size: {plan['batch_size']} ({r['batch_size']})")
+    if plan["backprop_fraction"] < 1:
+        print(f"[plan] backpropagated: the hardest {plan['backprop_fraction']:.0%} of each batch "
+              f"({r['backprop_fraction']})")
     print(f"[plan] learning rate: {plan['lr']:.4g} ({r['lr']})")
     print(f"[plan] weight decay: {plan['weight_decay']:.4g} ({r['weight_decay']})")
     print(f"[plan] epochs: {plan['epochs']} ({r['epochs']})")
@@ -532,8 +538,8 @@ def print_plan(plan):
 
 PROBE_SHARE = 0.05  # of the budget, at most, spent probing
 PROBE_STEPS = 5  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
-PROBE_CPU_BATCH = 500  # images per probe step on a CPU: images/s is the same from 512 to 2000 there (measured), and
-# a step of 2000 takes seconds
+PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU: images/s is the same from 512 to 2000 there
+# (measured), and a step of 2000 takes seconds
 FORECAST_SAVE_SECONDS = 1.0  # saving last.pth, the history and its curves after an epoch (an estimate; see RESULTS)
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (an estimate; see RESULTS)
 
@@ -567,27 +573,29 @@ def plan_for_budget(args, hw, plan, dataset, data, dist):
 
 def budget_candidates(args, plan, dataset, table):
     """(candidates, by_time). The table's configurations for this device (a CPU: its plan's precision; a GPU: the
-    published half-precision figures, trained in the plan's precision) and batch size (the table's accuracy holds at
-    its own), or just the plan's when --model or another dataset than the table's fixes the model; by_time when
-    no accuracy is known, so the most epochs that fit win."""
+    published half-precision figures, trained in the plan's precision), batch size and backprop fraction (the
+    table's accuracy holds at its own), or just the plan's when --model or another dataset than the table's fixes
+    the model; by_time when no accuracy is known, so the most epochs that fit win."""
     device_type = torch.device(plan["device"]).type
     precisions = (plan["precision"],) if device_type == "cpu" else ("bf16", "fp16")
     found = [dataclasses.replace(c, precision=plan["precision"]) for precision in precisions
              for c in budget.table_candidates(table, device_type, precision, args.model, args.width_mult)
-             if args.batch_size in (None, c.batch_size) and c.batch_size % plan["world_size"] == 0]
+             if args.batch_size in (None, c.batch_size) and args.backprop_fraction in (None, c.backprop_fraction)
+             and c.batch_size % plan["world_size"] == 0]
     if dataset.key != budget.TABLE_DATASET:
         found = []
     elif args.model is not None:  # the plan's configuration: only its epochs are chosen
-        found = [c for c in found if c.model_kwargs == plan["model_kwargs"] and c.batch_size == plan["batch_size"]]
+        found = [c for c in found if c.model_kwargs == plan["model_kwargs"] and c.batch_size == plan["batch_size"]
+                 and c.backprop_fraction == plan["backprop_fraction"]]
     if not found:
-        return [budget.Candidate(plan["model"], dict(plan["model_kwargs"]), plan["precision"], plan["batch_size"])], \
-            True
+        return [budget.Candidate(plan["model"], dict(plan["model_kwargs"]), plan["precision"], plan["batch_size"],
+                                 plan["backprop_fraction"])], True
     return found, False
 
 
 def candidate_plan(plan, candidate):
     return dict(plan, model=candidate.model, model_kwargs=dict(candidate.model_kwargs),
-                batch_size=candidate.batch_size)
+                batch_size=candidate.batch_size, backprop_fraction=candidate.backprop_fraction)
 
 
 def probe_candidates(plan, candidates, data, dist, budget_seconds):
@@ -596,16 +604,18 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
     probes, records, spent = [None] * len(candidates), [None] * len(candidates), 0.0
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
-    # One probe per network and probe batch: on a CPU every batch size is probed at PROBE_CPU_BATCH, so the
-    # candidates that differ only in batch share one measurement, and the choice between them is not made by noise.
-    probed = {}  # (model, model_kwargs, probe batch) -> (the probe, the label of the candidate it measured)
+    # One probe per network, backprop fraction and probe batch: on a CPU every batch size is probed backpropagating
+    # PROBE_CPU_BATCH images a step, so the candidates that differ only in batch share one measurement, and the
+    # choice between them is not made by noise.
+    probed = {}  # (model, model_kwargs, backprop fraction, probe batch) -> (the probe, the label of what it measured)
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, skip, shared = candidates[index], None, ""
         trial_plan = candidate_plan(plan, candidate)
-        key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), probe_batch_size(trial_plan, data, dist))
+        key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), candidate.backprop_fraction,
+               probe_batch_size(trial_plan, data, dist))
         if key in probed:
             probes[index], measured_label = probed[key]
-            shared = f" (shared with {measured_label}: both probed at batch {key[2]})"
+            shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
         elif spent > PROBE_SHARE * budget_seconds:
             skip = f"not probed: the probe's share of the budget ({PROBE_SHARE:.0%}) is spent"
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
@@ -628,10 +638,10 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
 
 
 def probe_batch_size(plan, data, dist):
-    """Images per probe step on each rank: the plan's, but at most PROBE_CPU_BATCH on a CPU."""
+    """Images per probe step on each rank: the plan's, but on a CPU at most what backpropagates PROBE_CPU_BATCH."""
     batch = plan["batch_size"] // dist.world_size
     if torch.device(plan["device"]).type == "cpu":
-        batch = min(batch, PROBE_CPU_BATCH)
+        batch = min(batch, round(PROBE_CPU_BATCH / plan["backprop_fraction"]))
     return min(batch, len(data.train_images))
 
 
@@ -643,7 +653,7 @@ def probe_throughput(plan, data, dist):
     batch = probe_batch_size(plan, data, dist)
     inputs = normalize(data.train_images[:batch], (data.mean, data.std)).contiguous(memory_format=torch.channels_last)
     labels = data.train_labels[:batch]
-    set_learning_rates(optimizer, plan, plan["batch_size"], 0, 1)
+    set_learning_rates(optimizer, plan, backpropagated(plan["batch_size"], plan["backprop_fraction"]), 0, 1)
 
     def timed(work, repeats):
         """The median call's seconds, after a warm-up call: single steps on a shared machine vary by a third."""
@@ -659,7 +669,7 @@ def probe_throughput(plan, data, dist):
 
     try:
         step_seconds = timed(lambda: training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype,
-                                                   dist), PROBE_STEPS)
+                                                   dist, plan["backprop_fraction"]), PROBE_STEPS)
         eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
         eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
@@ -673,12 +683,14 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
     best, runner_up = choice.best, choice.runner_up
     reasons = dict(plan["reasons"])
     if by_time:
-        reasons["model"] += "; --budget chose the epochs: the most that fit (no measured accuracy for this data or model)"
+        reasons["model"] += ("; --budget chose the epochs: the most that fit (no measured accuracy for this data or "
+                             "configuration)")
     else:
         reasons["model"] = (f"--budget: the most accurate configuration that fits, forecast {best.accuracy:.2f}% "
                             f"({best.candidate.source})")
-    reasons["batch_size"] = reasons["batch_size"] if plan["batch_size"] == best.candidate.batch_size else \
-        "the measured configuration's"
+    for field in ("batch_size", "backprop_fraction"):
+        if plan[field] != getattr(best.candidate, field):
+            reasons[field] = "the measured configuration's"
     reasons["epochs"] = "--budget: the most epochs of it that fit (a run may end part-way through its last epoch)"
     return dict(candidate_plan(plan, best.candidate), epochs=best.epochs, reasons=reasons, budget={
         "seconds": plan["budget"]["seconds"], "forecast_seconds": round(best.seconds, 1),
@@ -1005,10 +1017,10 @@ class Schedule:
         return Schedule(end_epoch, epochs_done, self.progress(epochs_done))
 
 
-def set_learning_rates(optimizer, plan, batch_size, step, steps_per_epoch, schedule=None):
+def set_learning_rates(optimizer, plan, examples, step, steps_per_epoch, schedule=None):
     """Set every group's rate for `step` of `schedule` (default: the plan's, straight to plan["epochs"]).
     Muon recipe: every rate falls linearly from its peak to 0, over the run or over the stem bias's epochs;
-    --lr scales every peak alike; per-example SGD rates are multiplied by the batch size.
+    --lr scales every peak alike; per-example SGD rates are multiplied by the examples a step backpropagates.
     SGD recipe: a linear warm-up to --lr, then cosine decay to 0."""
     schedule = schedule or Schedule(plan["epochs"])
     progress = schedule.progress(step / steps_per_epoch)
@@ -1026,7 +1038,7 @@ def set_learning_rates(optimizer, plan, batch_size, step, steps_per_epoch, sched
         # The stem bias decays over its own first epochs, whatever the run's length.
         factor = max(0.0, 1 - step / (STEM_BIAS_EPOCHS * steps_per_epoch)) if group["name"] == "stem_bias" else \
             1 - progress
-        peak = scale * group["peak_lr"] * (batch_size if group["per_example"] else 1)
+        peak = scale * group["peak_lr"] * (examples if group["per_example"] else 1)
         group["lr"] = peak * factor
 
 
@@ -1251,13 +1263,14 @@ def train_one_epoch(run, epoch, skip=0):
     log_every = run.log_every or -(-steps_per_epoch // 4)
     run.forward_model.train()
     bar = make_progress_bar(steps_per_epoch, skip, epoch, run.epochs_planned)
+    examples = backpropagated(run.batch_size, plan["backprop_fraction"], run.dist.world_size)
     started = time.time()
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         if run.step >= run.final_step:  # the schedule ends part-way through this epoch
             break
-        set_learning_rates(optimizer, plan, run.batch_size, run.step, steps_per_epoch, run.schedule)
+        set_learning_rates(optimizer, plan, examples, run.step, steps_per_epoch, run.schedule)
         outputs, loss = training_step(run.forward_model, optimizer, run.scaler, inputs, labels, run.autocast_dtype,
-                                      run.dist)
+                                      run.dist, plan["backprop_fraction"])
         run.step += 1
         # Running sums stay on the device, built from device values only: no per-step wait for the host.
         loss = loss.detach().float()
@@ -1334,19 +1347,40 @@ def keep_pace(run, seconds_per_step):
           f"decays to zero there", flush=True)
 
 
-def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None):
+def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None, backprop_fraction=1.0):
     """Forward, label-smoothed loss, backward (gradients averaged over torchrun's ranks) and one optimiser
-    step; returns the outputs and the loss."""
+    step; returns the outputs and the loss of the whole batch, from before the step.
+
+    backprop_fraction < 1 is a top-k variant of Selective-Backprop (Jiang et al. 2019, who sample by each loss's
+    percentile instead): a gradient-free forward pass ranks the batch's examples by loss, and only the hardest
+    fraction goes forward again and back. The easy examples, which would teach little, cost one forward pass
+    instead of a forward and a backward. Both passes run in train mode, so BatchNorm's running statistics are
+    updated by each (the whole batch, then the hardest): the table's accuracy was measured so."""
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        outputs = model(inputs)
-        loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
+        if backprop_fraction < 1:
+            with torch.no_grad():  # in train mode, as the step's own pass: BatchNorm uses the batch's statistics
+                outputs = model(inputs)
+                loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
+                # Ranked in fp32: half-precision losses tie often, and ties would rank arbitrarily.
+                hardest = F.cross_entropy(outputs.float(), labels, reduction="none").topk(
+                    backpropagated(len(labels), backprop_fraction)).indices
+            trained_loss = F.cross_entropy(model(inputs[hardest]), labels[hardest], label_smoothing=LABEL_SMOOTHING)
+        else:
+            outputs = model(inputs)
+            loss = trained_loss = F.cross_entropy(outputs, labels, label_smoothing=LABEL_SMOOTHING)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(trained_loss).backward()
     if dist is not None:
         dist.average_gradients(model)  # before the scaler's inf check, so every rank skips the same steps
     scaler.step(optimizer)
     scaler.update()
     return outputs, loss
+
+
+def backpropagated(batch_size, backprop_fraction, ranks=1):
+    """How many examples of a batch a step backpropagates, in all, and so its per-example rates count: each of
+    torchrun's ranks keeps its share of its own slice."""
+    return ranks * max(1, round(batch_size // ranks * backprop_fraction))
 
 
 def back_off_batch_size(run, epoch_start):
@@ -2163,7 +2197,8 @@ def check_resume_matches_flags(args, path, state):
     """A resumed run keeps its plan: flags that would change it are refused, not silently ignored."""
     plan = state["plan"]
     given = {"--epochs": (args.epochs, plan["epochs"]), "--batch-size": (args.batch_size, plan["batch_size"]),
-             "--lr": (args.lr, plan["lr"]), "--weight-decay": (args.weight_decay, plan["weight_decay"]),
+             "--backprop-fraction": (args.backprop_fraction, plan["backprop_fraction"]), "--lr": (args.lr, plan["lr"]),
+             "--weight-decay": (args.weight_decay, plan["weight_decay"]),
              "--model": (args.model, plan["model"]), "--seed": (args.seed, state["seed"]),
              "--precision": (args.precision, plan["precision"]),
              "--width-mult": (args.width_mult, plan["model_kwargs"].get("width_mult")),
@@ -2306,6 +2341,11 @@ def parse_args(argv=None):
                         "With --model or another dataset, only the epochs are chosen. Default: the plan's tier table")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per step, across all GPUs and ranks (default: {BATCH_SIZE})")
+    p.add_argument("--backprop-fraction", type=float, default=None, metavar="F",
+                   help="backpropagate only the fraction F of each batch whose loss is highest (a top-k variant of "
+                        "Selective-Backprop): a gradient-free forward pass ranks the batch, and epochs take less "
+                        "time; the per-example learning rates, and so the weight decay, count the backpropagated "
+                        "examples (default: 1, every example)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak Muon learning rate of the conv filters (default: {MUON_LR}); the biases' and head's "
                         f"SGD rates scale with it")
@@ -2409,6 +2449,9 @@ def validate_args(args):
         bad(f"--epochs must be at least 1, got {args.epochs}.")
     if args.batch_size is not None and args.batch_size < 1:
         bad(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.backprop_fraction is not None and not 0 < args.backprop_fraction <= 1:
+        bad(f"--backprop-fraction is the share of each batch backpropagated, more than 0 and at most 1; got "
+            f"{args.backprop_fraction}.")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         bad(f"--lr must be a positive finite number, got {args.lr}.")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -2704,10 +2747,13 @@ def save_cross_validation(out_dir, state):
 def cross_validation_text(state):
     """The finished cross-validation as Markdown: what was trained, and the table."""
     plan, results = state["plan"], state["results"]
+    hardest = f", the hardest {plan['backprop_fraction']:.0%} of each batch backpropagated" \
+        if plan["backprop_fraction"] < 1 else ""
     return (f"# {state['folds']}-fold cross-validation\n\n"
-            f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs, seed {state['seed']}, data "
-            f"{state['data_dir']}. Each fold's model is its epoch of best validation accuracy; the scores are with "
-            f"test-time augmentation level {state['tta']}; std is the sample standard deviation over the folds.\n\n"
+            f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs{hardest}, seed "
+            f"{state['seed']}, data {state['data_dir']}. Each fold's model is its epoch of best validation accuracy; "
+            f"the scores are with test-time augmentation level {state['tta']}; std is the sample standard deviation "
+            f"over the folds.\n\n"
             f"{report.cross_validation_table(results, state['summary'])}\n")
 
 

@@ -2,6 +2,8 @@
 
     python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --epochs 1 2 3 4
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 4 8
+    python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --batch-size 1000 --backprop-fraction 0.5 \
+        --epochs 3 6 8
 
 Each point is one real `python train.py --seed 0 --epochs E` run on the full CIFAR-10 in --data-dir (on this
 project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration
@@ -30,6 +32,7 @@ def parse_args():
     p.add_argument("--width-mult", type=float, default=None, help="passed to train.py --width-mult")
     p.add_argument("--precision", required=True, help="passed to train.py --precision")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
+    p.add_argument("--backprop-fraction", type=float, default=None, help="passed to train.py --backprop-fraction")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--data-label", default=DATA_LABEL, help="how the data is named in the table")
@@ -39,7 +42,7 @@ def parse_args():
 def entry_for(table, plan, precision):
     """The table's entry of this configuration, made if missing."""
     key = {"model": plan["model"], "model_kwargs": plan["model_kwargs"], "precision": precision,
-           "batch_size": plan["batch_size"]}
+           "batch_size": plan["batch_size"], "backprop_fraction": plan["backprop_fraction"]}
     for entry in table["configurations"]:
         if {k: entry[k] for k in key} == key:
             return entry
@@ -63,9 +66,9 @@ def main():
         entry["points"] = sorted([p for p in entry["points"] if p["epochs"] != epochs] + [point],
                                  key=lambda p: p["epochs"])
         TABLE.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, {epochs} epochs: test {point['test_acc']:.2f}% "
-              f"(TTA {point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s",
-              flush=True)
+        print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, batch {plan['batch_size']}, backprop "
+              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs: test {point['test_acc']:.2f}% (TTA "
+              f"{point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ FLAG_CASES = {
     "epochs 0": (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     "epochs negative": (["--epochs", "-3"], "--epochs must be at least 1, got -3"),
     "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "backprop fraction 0": (["--backprop-fraction", "0"], "--backprop-fraction is the share of each batch"),
+    "backprop fraction above 1": (["--backprop-fraction", "1.5"], "more than 0 and at most 1; got 1.5"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
     "lr negative": (["--lr", "-0.1"], "--lr must be a positive finite number"),
     "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
@@ -119,11 +121,12 @@ def test_resume_of_foreign_checkpoints(tmp_path, previous_run):
     assert_refused(run_cli("--resume", garbage, "--out-dir", previous_run), "could not be read", previous_run)
 
 
-def test_resume_with_another_model_precision_dataset_image_size_or_budget_is_refused(finished_run, tiny_data):
+def test_resume_with_a_flag_that_would_change_its_plan_is_refused(finished_run, tiny_data):
     out = finished_run  # SmallCifarNet, fp32, CIFAR-10, 32x32
     before = (out / "last.pth").read_bytes()
     for flag, saved, given in [("--model", "SmallCifarNet", "PowerCifarNet"), ("--precision", "fp32", "bf16"),
-                               ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24")]:
+                               ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24"),
+                               ("--backprop-fraction", "1.0", "0.5")]:
         result = run_cli("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
         assert_refused(result, f"is a run with {flag} {saved}, but {flag} {given} was given")
     result = run_cli("--resume", "--out-dir", out, "--budget", "10m", "--data-dir", tiny_data)

@@ -16,9 +16,11 @@ from conftest import history_of, run_cli, run_trainer, start_trainer, wait_for_l
 
 CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
                    save_seconds=2.0, report_seconds=6.0)
-SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, ((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)), "made up")
-POWER = Candidate("PowerCifarNet", {"width_mult": 1.0}, "fp32", 2000, ((4, 88.0), (8, 91.0)), "made up")
-WIDE = Candidate("PowerCifarNet", {"width_mult": 1.5}, "bf16", 2000, ((10, 94.5), (16, 95.0)), "made up")
+SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, points=((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)),
+                  source="made up")
+POWER = Candidate("PowerCifarNet", {"width_mult": 1.0}, "fp32", 2000, points=((4, 88.0), (8, 91.0)), source="made up")
+WIDE = Candidate("PowerCifarNet", {"width_mult": 1.5}, "bf16", 2000, points=((10, 94.5), (16, 95.0)),
+                 source="made up")
 
 
 def latest_fitting_epochs(candidate, probe, workload, budget_seconds):
@@ -54,7 +56,7 @@ def test_a_table_point_below_an_earlier_one_is_left_out():
     """Seed noise must not make fewer epochs the better choice: with 4 epochs at 86.62% and 5 at 86.55%, a budget
     that fits 5 epochs trains them, forecast between 4 and 7."""
     table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 500,
-              "device_type": "cpu", "source": "measured", "points": [
+              "backprop_fraction": 1.0, "device_type": "cpu", "source": "measured", "points": [
                   {"epochs": e, "test_acc_tta": a, "data": "made up"} for e, a in ((3, 85.38), (4, 86.62), (5, 86.55),
                                                                                  (7, 88.11))]}]
     candidate, = budget.table_candidates(table, "cpu", "fp32")
@@ -118,6 +120,7 @@ def test_the_repository_table_is_well_formed():
         assert entry["points"] and entry["source"]
         epochs = [p["epochs"] for p in entry["points"]]
         assert epochs == sorted(set(epochs)) and all(0 < p["test_acc_tta"] < 100 for p in entry["points"])
+        assert 0 < entry["backprop_fraction"] <= 1
     assert budget.table_candidates(table, "cpu", "fp32")[0].model == "SmallCifarNet"
 
 
@@ -138,6 +141,43 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
     assert probed_batches == [2000, 250]
     assert probes[1] is probes[0] and probes[2] != probes[0]
     assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
+
+
+def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_own_batch(monkeypatch):
+    """Selective-Backprop's step has a pass of its own to time: it never shares the plain step's probe, and on a CPU
+    it is probed backpropagating PROBE_CPU_BATCH images, as many as the plain step."""
+    probed = []
+
+    def counted_probe(plan, data, dist):
+        probed.append((train.probe_batch_size(plan, data, dist), plan["backprop_fraction"]))
+        return Probe(400.0 + len(probed), 1500.0)
+
+    monkeypatch.setattr(train, "probe_throughput", counted_probe)
+    table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 1000,
+              "backprop_fraction": fraction, "device_type": "cpu", "source": "measured",
+              "points": [{"epochs": 4, "test_acc_tta": 85.0, "data": "made up"}]} for fraction in (1.0, 0.5)]
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    args = SimpleNamespace(model=None, width_mult=None, batch_size=None, backprop_fraction=None)
+    cifar10 = SimpleNamespace(key="cifar10")
+    candidates, by_time = train.budget_candidates(args, plan, cifar10, table)
+    assert not by_time and [c.backprop_fraction for c in candidates] == [1.0, 0.5]
+    assert candidates[1].label == "SmallCifarNet() fp32, batch 1000, hardest 50% backpropagated"
+    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
+    train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600)
+    assert sorted(probed) == [(500, 1.0), (1000, 0.5)]
+    # --backprop-fraction picks the table's configurations of that fraction; with --model it must match the plan's.
+    chosen, _ = train.budget_candidates(args_with(args, backprop_fraction=0.5), plan, cifar10, table)
+    assert [c.backprop_fraction for c in chosen] == [0.5]
+    fixed_plan = train.make_plan(train.Hardware((), 2), precision="fp32", model="SmallCifarNet", batch_size=1000,
+                                 backprop_fraction=0.5)
+    chosen, by_time = train.budget_candidates(args_with(args, model="SmallCifarNet", batch_size=1000,
+                                                        backprop_fraction=0.5), fixed_plan, cifar10, table)
+    assert not by_time and [c.backprop_fraction for c in chosen] == [0.5]
+    assert train.candidate_plan(plan, chosen[0])["backprop_fraction"] == 0.5
+
+
+def args_with(args, **changes):
+    return SimpleNamespace(**dict(vars(args), **changes))
 
 
 def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny_data, tmp_path, monkeypatch):
@@ -206,8 +246,8 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     """The real trainer on the tiny data, its probe reporting half the real training speed: the epochs chosen would
     finish early, so the pace control must lengthen the run, still within the budget and the (made-up) table."""
     table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 100,
-              "device_type": "cpu", "source": "made up", "points": [{"epochs": e, "test_acc_tta": 50.0 + e}
-                                                                   for e in (1, 2, 4, 8, 16, 32)]}]
+              "backprop_fraction": 1.0, "device_type": "cpu", "source": "made up",
+              "points": [{"epochs": e, "test_acc_tta": 50.0 + e} for e in (1, 2, 4, 8, 16, 32)]}]
     real_probe = train.probe_throughput
 
     def slow_probe(*args, **kwargs):

@@ -10,8 +10,10 @@ from tiny_cifar import write_tiny_cifar
 from train import RUN_FILES, evaluate, load_trained_model
 
 # 3 ranks: with 2, every float sum a + b is the same in any order, which would hide a resume that reduces
-# gradients in another order; 4 epochs: past STEM_BIAS_EPOCHS, where a parameter stops training.
-DDP_RUN = ["--model", "SmallCifarNet", "--epochs", 4, "--batch-size", 198, "--seed", 4, "--tta", 1]
+# gradients in another order; 4 epochs: past STEM_BIAS_EPOCHS, where a parameter stops training; Selective-Backprop:
+# each rank ranks its own slice of 66 and backpropagates 33 of it.
+DDP_RUN = ["--model", "SmallCifarNet", "--epochs", 4, "--batch-size", 198, "--backprop-fraction", 0.5, "--seed", 4,
+           "--tta", 1]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def test_three_ranks_train_and_write_outputs_once(ddp_run):
     history = json.loads((out / "training_history.json").read_text())
     assert history["plan"]["parallel"] == "DistributedDataParallel"
     assert history["plan"]["world_size"] == 3 and history["plan"]["batch_size"] == 198
+    assert history["plan"]["backprop_fraction"] == 0.5
     assert [row["batch_size"] for row in history["epochs"]] == [198] * 4
     assert [row["epoch"] for row in history["epochs"]] == [1, 2, 3, 4]
 

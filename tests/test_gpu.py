@@ -105,17 +105,21 @@ def tail(result):
 # 1. One GPU in bf16 and in fp16
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_one_gpu_run_in_reduced_precision_learns_and_saves_a_loadable_model(tiny_data, tmp_path, precision):
+@pytest.mark.parametrize("precision, backprop_fraction", [("bf16", 1), ("fp16", 1), ("fp16", 0.5)])
+def test_one_gpu_run_in_reduced_precision_learns_and_saves_a_loadable_model(tiny_data, tmp_path, precision,
+                                                                            backprop_fraction):
+    """Also Selective-Backprop's step, whose ranking pass runs under autocast and whose loss the fp16 scaler scales."""
     skip_without_bf16(precision)
     out = tmp_path / "run"
     result = run_trainer("--epochs", 3, "--batch-size", 100, "--precision", precision, "--seed", 0, "--tta", 1,
-                         "--data-dir", tiny_data, "--out-dir", out, env=one_gpu_env())
+                         "--backprop-fraction", backprop_fraction, "--data-dir", tiny_data, "--out-dir", out,
+                         env=one_gpu_env())
     assert result.returncode == 0, tail(result)
     assert "[hardware] GPUs: 1" in result.stdout
     history = history_of(out)
     plan = history["plan"]
     assert plan["device"] == "cuda:0" and plan["parallel"] == "none" and plan["precision"] == precision
+    assert plan["backprop_fraction"] == backprop_fraction
     assert all(math.isfinite(row["train_loss"]) for row in history["epochs"])
     final = history["final"]
     assert final["test_acc"] > 30 and final["test_acc_tta"] > 30  # the tiny classes are easy: chance is 10%

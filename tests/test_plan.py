@@ -110,6 +110,9 @@ def test_user_overrides_win():
     assert plan["reasons"]["epochs"] == "set by --epochs"
     plan = make_plan(gpus(RTX3090), lr=0.1, weight_decay=0.0)
     assert plan["lr"] == 0.1 and plan["weight_decay"] == 0.0
+    assert make_plan(gpus(RTX3090))["backprop_fraction"] == 1.0  # every example, unless --backprop-fraction
+    plan = make_plan(gpus(RTX3090), backprop_fraction=0.5)
+    assert plan["backprop_fraction"] == 0.5 and plan["reasons"]["backprop_fraction"] == "set by --backprop-fraction"
 
 
 def test_disable_auto_uses_documented_defaults_and_the_first_gpu():

@@ -57,6 +57,25 @@ def test_best_model_reloads_and_reproduces_its_recorded_accuracy(two_epoch_run, 
     assert checkpoint["epoch"] == last["epoch"] == 2 and checkpoint["test_acc"] == last["test_acc"]
 
 
+def test_a_selective_backprop_run_trains_and_its_per_example_rates_count_the_backpropagated(finished_run, tiny_data,
+                                                                                           tmp_path):
+    result = run_trainer("--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tta", 0, "--seed", 0,
+                         "--precision", "fp32", "--backprop-fraction", 0.5)  # finished_run's flags, and this one
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[plan] backpropagated: the hardest 50% of each batch (set by --backprop-fraction)" in result.stdout
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert history["plan"]["backprop_fraction"] == 0.5 and history["epochs"][-1]["test_acc"] > 30
+
+    def last_rates(out):
+        groups = torch.load(out / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+        return {group["name"]: group["lr"] for group in groups}
+
+    selective, plain = last_rates(tmp_path), last_rates(finished_run)
+    assert plain["head"] > 0 and plain["filters"] > 0  # the last step's rates, not yet decayed to zero
+    assert selective["head"] == pytest.approx(plain["head"] / 2)  # 50 examples a step, not 100
+    assert selective["filters"] == pytest.approx(plain["filters"])  # Muon's rate is not per example
+
+
 def test_dry_run_touches_no_data(tmp_path):
     result = run_cli("--dry-run", "--data-dir", tmp_path / "nothing", "--out-dir", tmp_path / "out")
     assert result.returncode == 0
@@ -77,5 +96,6 @@ def test_help_documents_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
     for flag in ["--epochs", "--batch-size", "--lr", "--weight-decay", "--num-workers", "--data-dir", "--out-dir",
-                 "--disable-auto", "--dry-run", "--simulate-gpus", "--resume", "--seed", "--tta", "--model"]:
+                 "--disable-auto", "--dry-run", "--simulate-gpus", "--resume", "--seed", "--tta", "--model",
+                 "--backprop-fraction"]:
         assert flag in result.stdout, flag
