@@ -653,7 +653,8 @@ def probe_throughput(plan, data, dist):
     batch = probe_batch_size(plan, data, dist)
     inputs = normalize(data.train_images[:batch], (data.mean, data.std)).contiguous(memory_format=torch.channels_last)
     labels = data.train_labels[:batch]
-    set_learning_rates(optimizer, plan, backpropagated(plan["batch_size"], plan["backprop_fraction"]), 0, 1)
+    set_learning_rates(optimizer, plan, backpropagated(plan["batch_size"], plan["backprop_fraction"], dist.world_size),
+                       0, 1)
 
     def timed(work, repeats):
         """The median call's seconds, after a warm-up call: single steps on a shared machine vary by a third."""

@@ -23,6 +23,13 @@ WIDE = Candidate("PowerCifarNet", {"width_mult": 1.5}, "bf16", 2000, points=((10
                  source="made up")
 
 
+def table_entry(batch_size, points, backprop_fraction=1.0):
+    """A configuration in bench/accuracy_table.json's layout: SmallCifarNet fp32 on a CPU, with made-up points."""
+    return {"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": batch_size,
+            "backprop_fraction": backprop_fraction, "device_type": "cpu", "source": "made up",
+            "points": [{"epochs": e, "test_acc_tta": a, "data": "made up"} for e, a in points]}
+
+
 def latest_fitting_epochs(candidate, probe, workload, budget_seconds):
     limit = budget_seconds * (1 - budget.MARGIN)
     return max(e for e in budget.epoch_grid(candidate, by_time=False)
@@ -55,10 +62,7 @@ def test_accuracy_is_interpolated_between_measured_points_and_never_extrapolated
 def test_a_table_point_below_an_earlier_one_is_left_out():
     """Seed noise must not make fewer epochs the better choice: with 4 epochs at 86.62% and 5 at 86.55%, a budget
     that fits 5 epochs trains them, forecast between 4 and 7."""
-    table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 500,
-              "backprop_fraction": 1.0, "device_type": "cpu", "source": "measured", "points": [
-                  {"epochs": e, "test_acc_tta": a, "data": "made up"} for e, a in ((3, 85.38), (4, 86.62), (5, 86.55),
-                                                                                 (7, 88.11))]}]
+    table = [table_entry(500, ((3, 85.38), (4, 86.62), (5, 86.55), (7, 88.11)))]
     candidate, = budget.table_candidates(table, "cpu", "fp32")
     assert candidate.points == ((3, 85.38), (4, 86.62), (7, 88.11))
     probe = Probe(530, 1500)
@@ -153,9 +157,7 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
         return Probe(400.0 + len(probed), 1500.0)
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
-    table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 1000,
-              "backprop_fraction": fraction, "device_type": "cpu", "source": "measured",
-              "points": [{"epochs": 4, "test_acc_tta": 85.0, "data": "made up"}]} for fraction in (1.0, 0.5)]
+    table = [table_entry(1000, ((4, 85.0),), backprop_fraction=fraction) for fraction in (1.0, 0.5)]
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
     args = SimpleNamespace(model=None, width_mult=None, batch_size=None, backprop_fraction=None)
     cifar10 = SimpleNamespace(key="cifar10")
@@ -245,9 +247,7 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
     """The real trainer on the tiny data, its probe reporting half the real training speed: the epochs chosen would
     finish early, so the pace control must lengthen the run, still within the budget and the (made-up) table."""
-    table = [{"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": 100,
-              "backprop_fraction": 1.0, "device_type": "cpu", "source": "made up",
-              "points": [{"epochs": e, "test_acc_tta": 50.0 + e} for e in (1, 2, 4, 8, 16, 32)]}]
+    table = [table_entry(100, [(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)])]
     real_probe = train.probe_throughput
 
     def slow_probe(*args, **kwargs):
