@@ -1754,6 +1754,8 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
             out_dir.mkdir(parents=True)
             created = True
         lock = lock_out_dir(out_dir)
+        if lock is not None:  # no other trainer writes here now, so any temporary file is a killed one's
+            remove_stale_temporaries(out_dir)
         found = previous_run(out_dir)
         if found and not resuming and not overwrite:
             raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
@@ -1875,10 +1877,16 @@ def save_outputs(run, best=None, state=None):
     plot_curves(run.history, run.out_dir / "training_curves.png")
 
 
+def temporary_path(path, pid="*"):
+    """Where atomic_write puts path's bytes before they replace it: one per process, so none collide; the default pid
+    makes the glob pattern of every process's."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
 def atomic_write(path, data):
     """Write bytes to path atomically. Any failure: the previous file is intact and no temporary file remains."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -1891,6 +1899,15 @@ def atomic_write(path, data):
     except BaseException:  # an interrupt mid-write (second Ctrl-C, stop during the final evaluation)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder):
+    """Remove what atomic_write left half-written in folder and its fold folders when its process was killed
+    (SIGKILL, power loss): nothing can remove it then, and it would stay in the run's folder for good."""
+    for place in (folder, *fold_folders(folder)):
+        for name in (*RUN_FILES, *CROSS_VALIDATION_FILES):
+            for stale in place.glob(temporary_path(Path(name)).name):
+                stale.unlink(missing_ok=True)
 
 
 def write_failure_message(path, error):

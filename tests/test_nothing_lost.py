@@ -147,6 +147,20 @@ def test_temporary_files_are_unique_to_the_process(tmp_path, monkeypatch):
     assert renamed == [f".training_history.json.{os.getpid()}.tmp"]
 
 
+def test_a_killed_trainers_temporary_files_go_when_its_folder_is_claimed_again(tmp_path):
+    """SIGKILL mid-save leaves atomic_write's temporary file, which no handler can remove; the next trainer to lock
+    the folder does, in the fold folders too, and leaves anything else alone."""
+    (tmp_path / "fold-1").mkdir()
+    stale = [tmp_path / ".last.pth.4242.tmp", tmp_path / "fold-1" / ".best_model.pth.4243.tmp"]
+    others = [tmp_path / ".notes.txt.4242.tmp", tmp_path / "fold-1" / "best_model.pth"]
+    for path in stale + others:
+        path.write_bytes(b"half")
+    out_dir, lock, created = train.claim_out_dir(tmp_path, resuming=True, overwrite=False, run_prefix="cifar10")
+    train.release_out_dir(out_dir, lock, created)
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"half" for path in others)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MB tmpfs, where a run really meets 'No space left on device'."""
