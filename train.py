@@ -572,8 +572,8 @@ def plan_for_budget(args, hw, plan, dataset, data, dist):
 
 
 def budget_candidates(args, plan, dataset, table):
-    """(candidates, by_time). The table's configurations for this device (a CPU: its plan's precision; a GPU: the
-    published half-precision figures, trained in the plan's precision), batch size and backprop fraction (the
+    """(candidates, by_time). The table's configurations for this device (a CPU: its plan's precision; a GPU: those
+    measured in either half precision, trained in the plan's), batch size and backprop fraction (the
     table's accuracy holds at its own), or just the plan's when --model or another dataset than the table's fixes
     the model; by_time when no accuracy is known, so the most epochs that fit win."""
     device_type = torch.device(plan["device"]).type

@@ -8,8 +8,8 @@
 Each point is one real `python train.py --seed 0 --epochs E` run on the full CIFAR-10 in --data-dir (on this
 project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration
 and epochs is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
-points and never extrapolates past them. Published figures for GPU-only configurations are entered by hand, with
-their source, and this script leaves them alone. CPU runs are deterministic, so the accuracy does not depend on
+points and never extrapolates past them. A configuration is its network, precision, batch, backprop fraction and
+device type (cpu or cuda). CPU runs are deterministic, so the accuracy does not depend on
 what else ran; the times are recorded for the reader only (the trainer measures its own speed). Never part of the
 test suite.
 """
@@ -41,12 +41,15 @@ def parse_args():
 
 def entry_for(table, plan, precision):
     """The table's entry of this configuration, made if missing."""
+    # The device type is part of the key: the same network in bf16 is one configuration on a CPU and another on a
+    # GPU, and --budget looks up only its own device's.
     key = {"model": plan["model"], "model_kwargs": plan["model_kwargs"], "precision": precision,
-           "batch_size": plan["batch_size"], "backprop_fraction": plan["backprop_fraction"]}
+           "batch_size": plan["batch_size"], "backprop_fraction": plan["backprop_fraction"],
+           "device_type": plan["device"].split(":")[0]}
     for entry in table["configurations"]:
         if {k: entry[k] for k in key} == key:
             return entry
-    entry = dict(key, source="measured", device_type=plan["device"].split(":")[0], points=[])
+    entry = dict(key, source="measured", points=[])
     table["configurations"].append(entry)
     return entry
 

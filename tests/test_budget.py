@@ -12,7 +12,7 @@ import torch
 import budget
 import train
 from budget import Candidate, Probe, Workload
-from conftest import history_of, run_cli, run_trainer, start_trainer, wait_for_line
+from conftest import ROOT, history_of, run_cli, run_trainer, start_trainer, wait_for_line
 
 CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
                    save_seconds=2.0, report_seconds=6.0)
@@ -126,6 +126,29 @@ def test_the_repository_table_is_well_formed():
         assert epochs == sorted(set(epochs)) and all(0 < p["test_acc_tta"] < 100 for p in entry["points"])
         assert 0 < entry["backprop_fraction"] <= 1
     assert budget.table_candidates(table, "cpu", "fp32")[0].model == "SmallCifarNet"
+    configurations = [json.dumps({k: v for k, v in entry.items() if k not in ("points", "source")}, sort_keys=True)
+                      for entry in table]
+    assert len(configurations) == len(set(configurations)), "two entries of one configuration"
+    for entry in table:  # every point was measured on its entry's device type
+        assert all(p["device"].startswith("NVIDIA") == (entry["device_type"] == "cuda") for p in entry["points"])
+
+
+def test_the_table_script_files_a_gpu_point_apart_from_the_same_network_on_a_cpu(monkeypatch):
+    """bench/accuracy_table.py once added GPU points to the CPU entry of the same network and precision (its key left
+    out the device type), so --budget on a GPU never saw them and the CPU entry's point was overwritten."""
+    monkeypatch.syspath_prepend(ROOT / "bench")
+    import accuracy_table
+
+    cpu_entry = dict(table_entry(2000, ((8, 90.84),)), model="PowerCifarNet", model_kwargs={"width_mult": 1.0},
+                     precision="bf16")
+    table = {"configurations": [cpu_entry]}
+    gpu_plan = {"model": "PowerCifarNet", "model_kwargs": {"width_mult": 1.0}, "batch_size": 2000,
+                "backprop_fraction": 1.0, "device": "cuda:0"}
+    gpu_entry = accuracy_table.entry_for(table, gpu_plan, "bf16")
+    assert gpu_entry is not cpu_entry and gpu_entry["device_type"] == "cuda" and gpu_entry["points"] == []
+    assert table["configurations"] == [cpu_entry, gpu_entry]
+    assert accuracy_table.entry_for(table, dict(gpu_plan, device="cpu"), "bf16") is cpu_entry
+    assert accuracy_table.entry_for(table, dict(gpu_plan, device="cuda:1"), "bf16") is gpu_entry
 
 
 def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch):
