@@ -66,6 +66,7 @@ class Probe:
     """What the throughput probe measured for a candidate on this machine."""
     train_images_per_s: float
     eval_images_per_s: float
+    save_seconds: float  # writing an epoch's checkpoints of the candidate's model
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class Workload:
     eval_images: int  # evaluated after every epoch: test, and validation if any
     final_eval_images: int  # evaluated once at the end, each image seen tta_passes times
     spent_seconds: float  # since the process started, up to the choice (start-up, data, probe)
-    save_seconds: float  # saving last.pth, the history and the curves after each epoch
+    curves_seconds: float  # drawing the training curves, which the trainer does once in curves_every_seconds at most
+    curves_every_seconds: float
     report_seconds: float  # the report's figures and the last saves
 
 
@@ -153,8 +155,10 @@ def tta_passes(tta):
 
 
 def epoch_overhead_seconds(probe, workload):
-    """After each epoch: its evaluation and saves."""
-    return workload.eval_images / probe.eval_images_per_s + workload.save_seconds
+    """After each epoch: its evaluation, its checkpoints and its share of the curves' drawings (an epoch shorter than
+    curves_every_seconds draws them at some epochs only)."""
+    curves_share = min(1.0, workload.train_images / probe.train_images_per_s / workload.curves_every_seconds)
+    return workload.eval_images / probe.eval_images_per_s + probe.save_seconds + curves_share * workload.curves_seconds
 
 
 def final_seconds(probe, workload, tta):

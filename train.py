@@ -97,6 +97,9 @@ MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training is declare
 MIN_BATCH_SIZE = 32  # out-of-memory back-off gives up below this
 MAX_SEED = 2**32 - 1
 
+# training_curves.png is redrawn at most this often while training (and always at the end, or at a stop): a drawing
+# takes about half a second, longer than a whole epoch on a big GPU.
+CURVES_EVERY_SECONDS = 30
 RUNS_DIR = "runs"  # each run without --out-dir gets a new folder here: runs/cifar10-001, runs/cifar100-001, ...
 REPORT_FILES = ("report.json", "confusion_matrix.png", "misclassified.png")  # when a run finishes, or --evaluate
 RUN_FILES = ("best_model.pth", "last.pth", "training_history.json", "training_curves.png", *REPORT_FILES)
@@ -540,20 +543,21 @@ PROBE_SHARE = 0.05  # of the budget, at most, spent probing
 PROBE_STEPS = 5  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
 PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU: images/s is the same from 512 to 2000 there
 # (measured), and a step of 2000 takes seconds
-FORECAST_SAVE_SECONDS = 1.0  # saving last.pth, the history and its curves after an epoch (an estimate; see RESULTS)
+FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (an estimate; see RESULTS)
 
 
-def plan_for_budget(args, hw, plan, dataset, data, dist):
+def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     """The plan for --budget: probe the candidates (the table's configurations for this device, or the plan's own
     model when --model or another dataset fixes it), choose, print the forecast and return the chosen plan."""
     candidates, by_time = budget_candidates(args, plan, dataset, budget.load_table())
     budget_seconds = plan["budget"]["seconds"]
-    probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds)
+    probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir)
     evaluated = len(data.test_images) + (len(data.val_images) if has_validation(data) else 0)
     workload = budget.Workload(
         train_images=len(data.train_images), eval_images=evaluated, final_eval_images=evaluated,
-        spent_seconds=time.time() - STARTED, save_seconds=FORECAST_SAVE_SECONDS, report_seconds=FORECAST_REPORT_SECONDS)
+        spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
+        curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS)
     try:
         outcome = budget.choose(candidates, probes, workload, budget_seconds, args.tta, by_time)
     except budget.NoFit as no_fit:
@@ -598,10 +602,15 @@ def candidate_plan(plan, candidate):
                 batch_size=candidate.batch_size, backprop_fraction=candidate.backprop_fraction)
 
 
-def probe_candidates(plan, candidates, data, dist, budget_seconds):
-    """Measure each candidate's training and evaluation images/s here, cheapest first, within PROBE_SHARE of the
-    budget. Returns the probes (None: not measured) parallel to candidates, and what to print and keep of them."""
-    probes, records, spent = [None] * len(candidates), [None] * len(candidates), 0.0
+def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
+    """Measure each candidate's training and evaluation images/s and checkpoint time here, cheapest first, within
+    PROBE_SHARE of the budget. Returns the probes (None: not measured) parallel to candidates, and what to print and
+    keep of them."""
+    probes, records, started = [None] * len(candidates), [None] * len(candidates), time.time()
+    # The first probe is needed whatever it costs, and most of its time is the device's one-time start that training
+    # would pay anyway (on a GPU: its context, cuDNN's kernel search; seconds, against milliseconds a step). The share
+    # bounds the probes after it.
+    spent = 0.0
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
     # One probe per network, backprop fraction and probe batch: on a CPU every batch size is probed backpropagating
@@ -621,8 +630,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
         if skip is None and not shared:
             t0 = time.time()
-            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist))
-            spent += time.time() - t0
+            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir))
+            spent += (time.time() - t0) if probed else 0.0
             probed[key] = probes[index], candidate.label
         if probes[index] is None and not skip:
             skip = "out of memory at this batch"
@@ -633,7 +642,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds):
         print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training, "
                                                               f"{probe.eval_images_per_s:,.0f} evaluating{shared}"),
               flush=True)
-    print(f"[budget] probing took {spent:.1f}s")
+    print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
 
 
@@ -645,9 +654,10 @@ def probe_batch_size(plan, data, dist):
     return min(batch, len(data.train_images))
 
 
-def probe_throughput(plan, data, dist):
+def probe_throughput(plan, data, dist, out_dir):
     """Images/s of training steps and of evaluation for this plan's configuration on its device, from warmed-up
-    steps on real training images (the model is thrown away after). None if it runs out of memory."""
+    steps on real training images, and the seconds to write its checkpoints into out_dir (the model is thrown away
+    after). None if it runs out of memory."""
     device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
     optimizer = make_optimizer(model, plan)
     batch = probe_batch_size(plan, data, dist)
@@ -675,7 +685,25 @@ def probe_throughput(plan, data, dist):
         eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
         return None
-    return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds)
+    save_seconds = checkpoint_seconds(model, optimizer, out_dir) if dist.is_main else 0.0  # rank 0 alone saves
+    return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds,
+                        save_seconds)
+
+
+def checkpoint_seconds(model, optimizer, out_dir):
+    """Seconds to write what an epoch's checkpoints hold of this model, as save_checkpoint writes them: its weights
+    (best_model.pth), then its weights and optimizer state (last.pth). They go to last.pth's temporary name in the
+    run's folder, removed at once (after a kill, by the next claim of the folder); the disk's speed counts."""
+    path = temporary_path(out_dir / "last.pth", os.getpid())
+    t0 = time.perf_counter()
+    try:
+        for state in ({"model": model.state_dict()}, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}):
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_synced(path, buffer.getbuffer())
+    finally:
+        path.unlink(missing_ok=True)
+    return time.perf_counter() - t0
 
 
 def budget_plan(plan, choice, probes, workload, tta, by_time):
@@ -703,6 +731,7 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
                                     "forecast_seconds": round(runner_up.seconds, 1),
                                     "forecast_acc": runner_up.accuracy},
         # What the pace control expects after each epoch and at the end, until it has measured them.
+        "spent_seconds": round(workload.spent_seconds, 1),  # start-up, data and probe, before the choice
         "epoch_overhead_seconds": round(budget.epoch_overhead_seconds(best.probe, workload), 2),
         "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2)})
 
@@ -1085,7 +1114,8 @@ class Run:
     best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
     best_state: dict | None = None
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
-    epoch_overhead_seconds: float | None = None  # the last epoch's evaluation and saving, measured for --budget
+    epoch_overhead_seconds: float | None = None  # the mean evaluation and saving after this process's epochs (--budget)
+    curves_drawn_at: float = 0.0  # when training_curves.png was last drawn (time.time()); 0: never, so epoch 1 draws
 
     @property
     def memory_label(self):
@@ -1228,8 +1258,13 @@ def train_loop(run, data):
             run.best_val_acc, run.best_epoch = val_acc, epoch
             best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
-        save_outputs(run, best=best, state=training_state(run, epoch))
-        run.epoch_overhead_seconds = time.time() - steps_end
+        # The curves of the last epoch are drawn by finish_run, after the final evaluation.
+        save_outputs(run, best=best, state=training_state(run, epoch),
+                     curves=time.time() - run.curves_drawn_at >= CURVES_EVERY_SECONDS or run.stop.signal is not None)
+        # A mean: the epochs that redraw the curves take longer than the others.
+        overhead, epochs_here = time.time() - steps_end, epoch - run.start_epoch
+        run.epoch_overhead_seconds = overhead if epochs_here == 1 else \
+            run.epoch_overhead_seconds + (overhead - run.epoch_overhead_seconds) / epochs_here
         if run.dist.any(run.stop.signal is not None, run.device) and epoch < run.epochs_planned:
             return False
     return True
@@ -1682,7 +1717,9 @@ def budget_outcome(run, test_acc_tta):
     outcome = {"budget_seconds": forecast["seconds"], "forecast_seconds": forecast["forecast_seconds"],
                "seconds": round(seconds, 1), "forecast_acc": forecast["forecast_acc"], "test_acc_tta": test_acc_tta,
                "epochs_planned": run.plan["epochs"], "epochs_trained": round(epochs_trained, 3),
-               "table_acc_for_epochs_trained": table_acc and round(table_acc, 2)}
+               "table_acc_for_epochs_trained": table_acc and round(table_acc, 2),
+               # Measured, against the forecast's: the mean evaluation and saving after an epoch of this process.
+               "epoch_overhead_seconds": run.epoch_overhead_seconds and round(run.epoch_overhead_seconds, 2)}
     accuracy = f", forecast {forecast['forecast_acc']:.2f}% for {run.plan['epochs']:g} epochs" \
         if forecast["forecast_acc"] is not None else ""
     if table_acc is not None and abs(epochs_trained - run.plan["epochs"]) > 0.05:
@@ -1864,9 +1901,9 @@ def remove_previous_run(out_dir):
             pass
 
 
-def save_outputs(run, best=None, state=None):
+def save_outputs(run, best=None, state=None, curves=True):
     """Rank 0 writes: the best model first, so last.pth never points past a missing best; then the history
-    and its curves."""
+    and (unless curves is False) its curves."""
     if not run.dist.is_main:
         return
     if best is not None:
@@ -1874,7 +1911,9 @@ def save_outputs(run, best=None, state=None):
     if state is not None:
         save_checkpoint(state, run.out_dir / "last.pth")
     save_json(run.history, run.out_dir / "training_history.json")
-    plot_curves(run.history, run.out_dir / "training_curves.png")
+    if curves:
+        plot_curves(run.history, run.out_dir / "training_curves.png")
+        run.curves_drawn_at = time.time()
 
 
 def temporary_path(path, pid="*"):
@@ -1888,10 +1927,7 @@ def atomic_write(path, data):
     path = Path(path)
     tmp = temporary_path(path, os.getpid())
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -1899,6 +1935,14 @@ def atomic_write(path, data):
     except BaseException:  # an interrupt mid-write (second Ctrl-C, stop during the final evaluation)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_synced(path, data):
+    """Write bytes to path and wait until they are on the disk."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def remove_stale_temporaries(folder):
@@ -2565,7 +2609,7 @@ def main(argv=None):
         else:
             data = place_data(data, plan["val_split"], seed, torch.device(plan["device"]))  # the loaded copy goes
             if plan["budget"] and not resume:
-                plan = plan_for_budget(args, hw, plan, dataset, data, dist)
+                plan = plan_for_budget(args, hw, plan, dataset, data, dist, out_dir)
                 print_plan(plan)
             code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
                                   args.tta)

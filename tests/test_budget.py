@@ -15,7 +15,8 @@ from budget import Candidate, Probe, Workload
 from conftest import ROOT, history_of, run_cli, run_trainer, start_trainer, wait_for_line
 
 CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
-                   save_seconds=2.0, report_seconds=6.0)
+                   curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0)
+SAVE = 1.5  # seconds a made-up probe takes to write an epoch's checkpoints
 SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, points=((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)),
                   source="made up")
 POWER = Candidate("PowerCifarNet", {"width_mult": 1.0}, "fp32", 2000, points=((4, 88.0), (8, 91.0)), source="made up")
@@ -65,14 +66,14 @@ def test_a_table_point_below_an_earlier_one_is_left_out():
     table = [table_entry(500, ((3, 85.38), (4, 86.62), (5, 86.55), (7, 88.11)))]
     candidate, = budget.table_candidates(table, "cpu", "fp32")
     assert candidate.points == ((3, 85.38), (4, 86.62), (7, 88.11))
-    probe = Probe(530, 1500)
+    probe = Probe(530, 1500, SAVE)
     choice = budget.choose([candidate], [probe], CIFAR10, 600, tta=2)
     assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 600) == 5
     assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) / 3)
 
 
 def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
-    probes = [Probe(530, 1500), Probe(160, 450)]  # measured-like: PowerCifarNet is 3.3x slower on this CPU
+    probes = [Probe(530, 1500, SAVE), Probe(160, 450, SAVE)]  # measured-like: PowerCifarNet is 3.3x slower on this CPU
     choice = budget.choose([SMALL, POWER], probes, CIFAR10, 600, tta=2)
     assert choice.best.candidate is SMALL and choice.runner_up is None  # 4 epochs of POWER take 21 minutes
     assert choice.best.epochs == latest_fitting_epochs(SMALL, probes[0], CIFAR10, 600)
@@ -86,8 +87,8 @@ def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
 
 
 def test_a_small_gpu_and_a_big_gpu_choose_differently_from_the_same_table():
-    small_gpu = [Probe(9_000, 30_000), Probe(2_500, 9_000)]
-    big_gpu = [Probe(60_000, 200_000), Probe(25_000, 90_000)]
+    small_gpu = [Probe(9_000, 30_000, SAVE), Probe(2_500, 9_000, SAVE)]
+    big_gpu = [Probe(60_000, 200_000, SAVE), Probe(25_000, 90_000, SAVE)]
     candidates = [POWER, WIDE]
     on_small = budget.choose(candidates, small_gpu, CIFAR10, 120, tta=2)
     assert on_small.best.candidate is POWER and on_small.runner_up is None  # 10 epochs of WIDE: over 3 minutes
@@ -99,7 +100,7 @@ def test_a_small_gpu_and_a_big_gpu_choose_differently_from_the_same_table():
 
 
 def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
-    probes = [Probe(530, 1500), Probe(160, 450)]
+    probes = [Probe(530, 1500, SAVE), Probe(160, 450, SAVE)]
     with pytest.raises(budget.NoFit) as refused:
         budget.choose([SMALL, POWER], probes, CIFAR10, 60, tta=2)
     smallest = refused.value.smallest_budget
@@ -111,10 +112,10 @@ def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
 
 def test_without_measured_accuracy_the_most_epochs_that_fit_win():
     unknown = Candidate("ResNet18", {}, "fp32", 128)
-    choice = budget.choose([unknown], [Probe(30, 100)], CIFAR10, 7200, tta=0, by_time=True)
+    choice = budget.choose([unknown], [Probe(30, 100, SAVE)], CIFAR10, 7200, tta=0, by_time=True)
     assert choice.best.accuracy is None and not choice.beyond_table
     assert choice.best.epochs == max(e for e in budget.epoch_grid(unknown, by_time=True)
-                                     if budget.forecast_seconds(Probe(30, 100), CIFAR10, e, 0) <= 7200 * 0.96)
+                                     if budget.forecast_seconds(Probe(30, 100, SAVE), CIFAR10, e, 0) <= 7200 * 0.96)
 
 
 def test_the_repository_table_is_well_formed():
@@ -156,18 +157,46 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
     so noise between two probes cannot pick between them; batch 250 is probed at its own size."""
     probed_batches = []
 
-    def counted_probe(plan, data, dist):
+    def counted_probe(plan, data, dist, out_dir):
         probed_batches.append(plan["batch_size"])
-        return Probe(400.0 + len(probed_batches), 1500.0)
+        return Probe(400.0 + len(probed_batches), 1500.0, SAVE)
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
     data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
     candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 500, 250)]
-    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600)
+    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600, out_dir=None)
     assert probed_batches == [2000, 250]
     assert probes[1] is probes[0] and probes[2] != probes[0]
     assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
+
+
+def test_the_probe_share_bounds_the_probes_after_the_first(monkeypatch):
+    """The first probe runs whatever it costs (on a GPU it pays the device's start-up, which training would pay
+    anyway: 6-10 s on an H100, which cut a 1- or 2-minute budget's probing short before the wider network); the
+    probes after it stop once they have spent PROBE_SHARE of the budget."""
+    probed = []
+
+    def slow_probe(plan, data, dist, out_dir):
+        probed.append(plan["batch_size"])
+        time.sleep(0.3)
+        return Probe(400.0, 1500.0, SAVE)
+
+    monkeypatch.setattr(train, "probe_throughput", slow_probe)
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
+    candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 250, 100)]  # three probe batches
+    budget_seconds = 0.2 / train.PROBE_SHARE  # the share, 0.2 s, is less than one probe
+    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds, out_dir=None)
+    assert probed == [2000, 250] and probes[2] is None and "share of the budget" in records[2]["skipped"]
+
+
+def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path):
+    model = train.build_model("SmallCifarNet", num_classes=10)
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    optimizer = train.make_optimizer(model, plan)
+    seconds = train.checkpoint_seconds(model, optimizer, tmp_path)
+    assert 0 < seconds < 60 and list(tmp_path.iterdir()) == []
 
 
 def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_own_batch(monkeypatch):
@@ -175,9 +204,9 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
     it is probed backpropagating PROBE_CPU_BATCH images, as many as the plain step."""
     probed = []
 
-    def counted_probe(plan, data, dist):
+    def counted_probe(plan, data, dist, out_dir):
         probed.append((train.probe_batch_size(plan, data, dist), plan["backprop_fraction"]))
-        return Probe(400.0 + len(probed), 1500.0)
+        return Probe(400.0 + len(probed), 1500.0, SAVE)
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     table = [table_entry(1000, ((4, 85.0),), backprop_fraction=fraction) for fraction in (1.0, 0.5)]
@@ -188,7 +217,7 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
     assert not by_time and [c.backprop_fraction for c in candidates] == [1.0, 0.5]
     assert candidates[1].label == "SmallCifarNet() fp32, batch 1000, hardest 50% backpropagated"
     data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
-    train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600)
+    train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600, out_dir=None)
     assert sorted(probed) == [(500, 1.0), (1000, 0.5)]
     # --backprop-fraction picks the table's configurations of that fraction; with --model it must match the plan's.
     chosen, _ = train.budget_candidates(args_with(args, backprop_fraction=0.5), plan, cifar10, table)
@@ -275,7 +304,7 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
 
     def slow_probe(*args, **kwargs):
         probe = real_probe(*args, **kwargs)
-        return Probe(probe.train_images_per_s / 2, probe.eval_images_per_s)
+        return dataclasses.replace(probe, train_images_per_s=probe.train_images_per_s / 2)
 
     monkeypatch.setattr(budget, "load_table", lambda: table)
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
@@ -289,6 +318,9 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     assert paces and paces[0]["end_epoch"] > paces[0]["end_epoch_was"], result.stdout
     outcome = history["final"]["budget"]
     assert history["plan"]["epochs"] < outcome["epochs_trained"] <= 32 and outcome["seconds"] <= 20
+    # What the forecast's parts were, and the epochs' measured overhead, to compare them by (bench/RESULTS.md).
+    assert 0 < history["plan"]["budget"]["spent_seconds"] < outcome["seconds"]
+    assert 0 < outcome["epoch_overhead_seconds"] < outcome["seconds"]
     assert outcome["table_acc_for_epochs_trained"] == pytest.approx(
         budget.expected_accuracy([(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)], outcome["epochs_trained"]), abs=0.01)
     schedule = torch.load(tmp_path / "last.pth", weights_only=True)["schedule"]

@@ -99,3 +99,26 @@ def test_help_documents_every_flag():
                  "--disable-auto", "--dry-run", "--simulate-gpus", "--resume", "--seed", "--tta", "--model",
                  "--backprop-fraction"]:
         assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("every_seconds, drawings", [(3600, [1, 2]), (0, [1, 2, 2])])
+def test_the_curves_are_redrawn_at_most_every_curves_every_seconds_and_at_the_end(tiny_data, tmp_path, monkeypatch,
+                                                                                    every_seconds, drawings):
+    """A drawing takes longer than an epoch on a big GPU: epochs quicker than CURVES_EVERY_SECONDS skip it. The first
+    epoch is drawn, and the finished run's curves show every epoch."""
+    import train
+
+    drawn = []
+    real_plot_curves = train.plot_curves
+
+    def counted_plot_curves(history, path):
+        drawn.append(len(history["epochs"]))
+        real_plot_curves(history, path)
+
+    monkeypatch.setattr(train, "plot_curves", counted_plot_curves)
+    monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", every_seconds)
+    result = run_cli("--epochs", 2, "--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, "--tta", 0,
+                     "--precision", "fp32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert drawn == drawings  # the epochs each drawing showed
+    assert (tmp_path / "run" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
