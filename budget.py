@@ -5,7 +5,8 @@ candidate's time and accuracy and chooses; tests/test_budget.py drives it with m
 
 The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch, backprop
 fraction, device type), test accuracy with TTA after E epochs, measured here by bench/accuracy_table.py (an entry
-from elsewhere names its source). Accuracy between two points is interpolated linearly; outside the measured epochs it is not forecast.
+from elsewhere names its source). Accuracy between two points is interpolated linearly; outside the measured
+epochs it is not forecast.
 """
 from __future__ import annotations
 

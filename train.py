@@ -697,7 +697,8 @@ def checkpoint_seconds(model, optimizer, out_dir):
     path = temporary_path(out_dir / "last.pth", os.getpid())
     t0 = time.perf_counter()
     try:
-        for state in ({"model": model.state_dict()}, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}):
+        weights = model.state_dict()
+        for state in ({"model": weights}, {"model": weights, "optimizer": optimizer.state_dict()}):
             buffer = io.BytesIO()
             torch.save(state, buffer)
             write_synced(path, buffer.getbuffer())
