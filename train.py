@@ -13,6 +13,7 @@ The training recipe follows airbench94_muon (Keller Jordan, 2024); each trick is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import functools
@@ -607,10 +608,10 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     PROBE_SHARE of the budget. Returns the probes (None: not measured) parallel to candidates, and what to print and
     keep of them."""
     probes, records, started = [None] * len(candidates), [None] * len(candidates), time.time()
-    # The first probe is needed whatever it costs, and most of its time is the device's one-time start that training
-    # would pay anyway (on a GPU: its context, cuDNN's kernel search; seconds, against milliseconds a step). The share
-    # bounds the probes after it.
-    spent = 0.0
+    # On a GPU the first probe is needed whatever it costs: most of its time is the device's one-time start that
+    # training would pay anyway (its context, cuDNN's kernel search; seconds, against milliseconds a step). The share
+    # bounds the probes after it. On a CPU there is no such start: every probe counts.
+    spent, start_exempt = 0.0, torch.device(plan["device"]).type == "cuda"
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
     # One probe per network, backprop fraction and probe batch: on a CPU every batch size is probed backpropagating
@@ -631,16 +632,17 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
         if skip is None and not shared:
             t0 = time.time()
             probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir))
-            spent += (time.time() - t0) if probed else 0.0
+            spent += (time.time() - t0) if probed or not start_exempt else 0.0
             probed[key] = probes[index], candidate.label
         if probes[index] is None and not skip:
             skip = "out of memory at this batch"
         probe = probes[index]
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
-            "eval_images_per_s": round(probe.eval_images_per_s, 1)}
+            "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2)}
         print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training, "
-                                                              f"{probe.eval_images_per_s:,.0f} evaluating{shared}"),
+                                                              f"{probe.eval_images_per_s:,.0f} evaluating, checkpoints "
+                                                              f"{probe.save_seconds:.2f}s{shared}"),
               flush=True)
     print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
@@ -691,17 +693,22 @@ def probe_throughput(plan, data, dist, out_dir):
 
 
 def checkpoint_seconds(model, optimizer, out_dir):
-    """Seconds to write what an epoch's checkpoints hold of this model, as save_checkpoint writes them: its weights
-    (best_model.pth), then its weights and optimizer state (last.pth). They go to last.pth's temporary name in the
-    run's folder, removed at once (after a kill, by the next claim of the folder); the disk's speed counts."""
+    """Seconds to write the bulk of an epoch's checkpoints of this model, serialised and synced as save_checkpoint
+    writes them: its weights (best_model.pth), then two copies of them (the model's and the best epoch's) and the
+    optimizer's state (last.pth). They go to last.pth's temporary name in the run's folder, removed at once (after
+    a kill, by the next claim of the folder); the disk's speed counts."""
     path = temporary_path(out_dir / "last.pth", os.getpid())
     t0 = time.perf_counter()
     try:
         weights = model.state_dict()
-        for state in ({"model": weights}, {"model": weights, "optimizer": optimizer.state_dict()}):
+        best_weights = {name: tensor.clone() for name, tensor in weights.items()}
+        for state in ({"model": weights}, {"model": weights, "best_state": best_weights,
+                                           "optimizer": optimizer.state_dict()}):
             buffer = io.BytesIO()
             torch.save(state, buffer)
             write_synced(path, buffer.getbuffer())
+    except OSError as e:
+        raise UserError(write_failure_message(path, e)) from None
     finally:
         path.unlink(missing_ok=True)
     return time.perf_counter() - t0
@@ -1115,8 +1122,10 @@ class Run:
     best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
     best_state: dict | None = None
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
-    epoch_overhead_seconds: float | None = None  # the mean evaluation and saving after this process's epochs (--budget)
+    epoch_overhead_seconds: float | None = None  # mean evaluation and saving after an epoch, since this process started
+    # or last retried an epoch (--budget)
     curves_drawn_at: float = 0.0  # when training_curves.png was last drawn (time.time()); 0: never, so epoch 1 draws
+    curves_epochs: int = 0  # the epochs it showed then
 
     @property
     def memory_label(self):
@@ -1259,9 +1268,9 @@ def train_loop(run, data):
             run.best_val_acc, run.best_epoch = val_acc, epoch
             best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
-        # The curves of the last epoch are drawn by finish_run, after the final evaluation.
+        # The curves of the last epoch are drawn by finish_run, after the final evaluation, or at a stop.
         save_outputs(run, best=best, state=training_state(run, epoch),
-                     curves=time.time() - run.curves_drawn_at >= CURVES_EVERY_SECONDS or run.stop.signal is not None)
+                     curves=time.time() - run.curves_drawn_at >= CURVES_EVERY_SECONDS)
         # A mean: the epochs that redraw the curves take longer than the others.
         overhead, epochs_here = time.time() - steps_end, epoch - run.start_epoch
         run.epoch_overhead_seconds = overhead if epochs_here == 1 else \
@@ -1913,8 +1922,22 @@ def save_outputs(run, best=None, state=None, curves=True):
         save_checkpoint(state, run.out_dir / "last.pth")
     save_json(run.history, run.out_dir / "training_history.json")
     if curves:
-        plot_curves(run.history, run.out_dir / "training_curves.png")
-        run.curves_drawn_at = time.time()
+        draw_curves(run)
+
+
+def draw_curves(run):
+    """Rank 0: training_curves.png of every epoch so far."""
+    plot_curves(run.history, run.out_dir / "training_curves.png")
+    run.curves_drawn_at, run.curves_epochs = time.time(), len(run.history["epochs"])
+
+
+def draw_stale_curves(run):
+    """Where a run ends without finishing (a stop, a failure), the curves may lack its last epochs (they are redrawn
+    only every CURVES_EVERY_SECONDS): draw them. A failure to draw them is left unsaid, so the run's own ending
+    message stands: the history holds the same figures."""
+    if run.dist.is_main and run.curves_epochs < len(run.history["epochs"]):
+        with contextlib.suppress(UserError):
+            draw_curves(run)
 
 
 def temporary_path(path, pid="*"):
@@ -2706,12 +2729,17 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
             run.stop.finishing = True  # every epoch is saved: a stop from here on need not wait for anything
             finish_run(run, data, tta)
             run.stop.finishing = False  # all saved: a stop is only noted now (a cross-validation checks it)
+    except TrainingFailed:
+        draw_stale_curves(run)
+        raise
     except Interrupted as interrupted:
         completed, run.stop.signal = False, interrupted.signum
         if dist.is_main:
             print(f"\n[stop] {signal.Signals(interrupted.signum).name} during the final evaluation: training is "
                   f"complete and saved in {out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
                   file=sys.stderr)
+    if not completed:
+        draw_stale_curves(run)
     if not completed and dist.is_main:
         # A fold continues through its cross-validation (the folder above), which knows the folds still to train.
         command = resume_command(dist, out_dir.parent, cross_validation=True) if folds_of(plan) else \

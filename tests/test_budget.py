@@ -171,10 +171,12 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
     assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
 
 
-def test_the_probe_share_bounds_the_probes_after_the_first(monkeypatch):
-    """The first probe runs whatever it costs (on a GPU it pays the device's start-up, which training would pay
-    anyway: 6-10 s on an H100, which cut a 1- or 2-minute budget's probing short before the wider network); the
-    probes after it stop once they have spent PROBE_SHARE of the budget."""
+@pytest.mark.parametrize("gpus, probed_batches", [((), [2000]), ((train.GPU(0, "made-up GPU", 24.0),), [2000, 250])])
+def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_on_a_gpu(monkeypatch, gpus,
+                                                                                        probed_batches):
+    """A GPU's first probe runs whatever it costs: it pays the device's start (context, cuDNN's kernel search) that
+    training would pay anyway, 5-10 s on an H100, which cut a 1- or 2-minute budget's probing short before the wider
+    network. On a CPU every probe counts against PROBE_SHARE of the budget."""
     probed = []
 
     def slow_probe(plan, data, dist, out_dir):
@@ -183,20 +185,31 @@ def test_the_probe_share_bounds_the_probes_after_the_first(monkeypatch):
         return Probe(400.0, 1500.0, SAVE)
 
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
-    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
     data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
     candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 250, 100)]  # three probe batches
     budget_seconds = 0.2 / train.PROBE_SHARE  # the share, 0.2 s, is less than one probe
     probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds, out_dir=None)
-    assert probed == [2000, 250] and probes[2] is None and "share of the budget" in records[2]["skipped"]
+    assert probed == probed_batches and probes[2] is None and "share of the budget" in records[2]["skipped"]
 
 
-def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path):
+def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path, monkeypatch):
+    written = []
+    real_write_synced = train.write_synced
+
+    def counted_write_synced(path, data):
+        written.append((path.parent, len(data)))
+        real_write_synced(path, data)
+
+    monkeypatch.setattr(train, "write_synced", counted_write_synced)
     model = train.build_model("SmallCifarNet", num_classes=10)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
     optimizer = train.make_optimizer(model, plan)
     seconds = train.checkpoint_seconds(model, optimizer, tmp_path)
     assert 0 < seconds < 60 and list(tmp_path.iterdir()) == []
+    weights_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    (first_dir, first), (second_dir, second) = written  # best_model.pth's, then last.pth's
+    assert first_dir == second_dir == tmp_path and first > weights_bytes and second > 2 * weights_bytes
 
 
 def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_own_batch(monkeypatch):

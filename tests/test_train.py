@@ -1,5 +1,7 @@
 """End-to-end runs of the real trainer on tiny generated data."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -101,24 +103,48 @@ def test_help_documents_every_flag():
         assert flag in result.stdout, flag
 
 
-@pytest.mark.parametrize("every_seconds, drawings", [(3600, [1, 2]), (0, [1, 2, 2])])
-def test_the_curves_are_redrawn_at_most_every_curves_every_seconds_and_at_the_end(tiny_data, tmp_path, monkeypatch,
-                                                                                    every_seconds, drawings):
-    """A drawing takes longer than an epoch on a big GPU: epochs quicker than CURVES_EVERY_SECONDS skip it. The first
-    epoch is drawn, and the finished run's curves show every epoch."""
-    import train
-
-    drawn = []
-    real_plot_curves = train.plot_curves
+def counted_curves(monkeypatch, train):
+    """The epochs each drawing of the curves shows, as the real plot_curves draws them."""
+    drawn, real_plot_curves = [], train.plot_curves
 
     def counted_plot_curves(history, path):
         drawn.append(len(history["epochs"]))
         real_plot_curves(history, path)
 
     monkeypatch.setattr(train, "plot_curves", counted_plot_curves)
-    monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", every_seconds)
+    return drawn
+
+
+def test_epochs_quicker_than_curves_every_seconds_skip_the_drawing(tiny_data, tmp_path, monkeypatch):
+    """A drawing takes longer than an epoch on a big GPU: epoch 1 is drawn, the next ones only once
+    CURVES_EVERY_SECONDS have passed, and the finished run's curves show every epoch."""
+    import train
+
+    drawn = counted_curves(monkeypatch, train)
+    monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", 3600)
     result = run_cli("--epochs", 2, "--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, "--tta", 0,
                      "--precision", "fp32")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert drawn == drawings  # the epochs each drawing showed
+    assert drawn == [1, 2]  # epoch 1's, then the end's; every epoch was drawn before
     assert (tmp_path / "run" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_stopped_at_an_epoch_end_draws_the_epochs_its_curves_lack(tiny_data, tmp_path, monkeypatch):
+    """SIGTERM as epoch 2 is saved: its save skips the drawing (CURVES_EVERY_SECONDS not yet passed), so the stop
+    draws the curves once more, to show both epochs."""
+    import train
+
+    drawn = counted_curves(monkeypatch, train)
+    monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", 3600)
+    real_save_outputs = train.save_outputs
+
+    def save_then_stop(run, best=None, state=None, curves=True):
+        real_save_outputs(run, best, state, curves)
+        if len(run.history["epochs"]) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler takes it, as from a user
+
+    monkeypatch.setattr(train, "save_outputs", save_then_stop)
+    result = run_cli("--epochs", 3, "--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, "--tta", 0,
+                     "--precision", "fp32")
+    assert result.returncode == train.exit_code_for(signal.SIGTERM), result.stdout + result.stderr
+    assert drawn == [1, 2]
