@@ -704,9 +704,7 @@ def checkpoint_seconds(model, optimizer, out_dir):
         best_weights = {name: tensor.clone() for name, tensor in weights.items()}
         for state in ({"model": weights}, {"model": weights, "best_state": best_weights,
                                            "optimizer": optimizer.state_dict()}):
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            write_synced(path, buffer.getbuffer())
+            write_synced(path, checkpoint_bytes(state))
     except OSError as e:
         raise UserError(write_failure_message(path, e)) from None
     finally:
@@ -1995,11 +1993,15 @@ def write_failure_message(path, error):
 
 
 def save_checkpoint(obj, path):
+    atomic_write(path, checkpoint_bytes(obj))
+
+
+def checkpoint_bytes(obj):
     # Serialised in memory first: torch.save writing into a file that runs out of space fails with an opaque
     # RuntimeError from its zip writer; a plain write of the bytes fails with the OSError that names the cause.
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, buffer.getbuffer())
+    return buffer.getbuffer()
 
 
 def save_json(obj, path):

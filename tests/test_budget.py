@@ -17,6 +17,7 @@ from conftest import ROOT, history_of, run_cli, run_trainer, start_trainer, wait
 CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
                    curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0)
 SAVE = 1.5  # seconds a made-up probe takes to write an epoch's checkpoints
+PROBE_DATA = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
 SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, points=((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)),
                   source="made up")
 POWER = Candidate("PowerCifarNet", {"width_mult": 1.0}, "fp32", 2000, points=((4, 88.0), (8, 91.0)), source="made up")
@@ -163,9 +164,9 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
-    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
     candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 500, 250)]
-    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600, out_dir=None)
+    probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(), budget_seconds=600,
+                                             out_dir=None)
     assert probed_batches == [2000, 250]
     assert probes[1] is probes[0] and probes[2] != probes[0]
     assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
@@ -186,10 +187,9 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
 
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
     plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
-    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
     candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 250, 100)]  # three probe batches
     budget_seconds = 0.2 / train.PROBE_SHARE  # the share, 0.2 s, is less than one probe
-    probes, records = train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds, out_dir=None)
+    probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(), budget_seconds, out_dir=None)
     assert probed == probed_batches and probes[2] is None and "share of the budget" in records[2]["skipped"]
 
 
@@ -229,8 +229,7 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
     candidates, by_time = train.budget_candidates(args, plan, cifar10, table)
     assert not by_time and [c.backprop_fraction for c in candidates] == [1.0, 0.5]
     assert candidates[1].label == "SmallCifarNet() fp32, batch 1000, hardest 50% backpropagated"
-    data = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
-    train.probe_candidates(plan, candidates, data, train.Dist(), budget_seconds=600, out_dir=None)
+    train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(), budget_seconds=600, out_dir=None)
     assert sorted(probed) == [(500, 1.0), (1000, 0.5)]
     # --backprop-fraction picks the table's configurations of that fraction; with --model it must match the plan's.
     chosen, _ = train.budget_candidates(args_with(args, backprop_fraction=0.5), plan, cifar10, table)
