@@ -65,9 +65,10 @@ class Candidate:
 @dataclass(frozen=True)
 class Probe:
     """What the throughput probe measured for a candidate on this machine."""
-    train_images_per_s: float
+    train_images_per_s: float  # while the stem bias trains (the first Workload.stem_bias_epochs)
     eval_images_per_s: float
     save_seconds: float  # writing an epoch's checkpoints of the candidate's model
+    frozen_stem_train_images_per_s: float  # once it freezes: quicker, no gradient is needed before the first conv
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Workload:
     curves_seconds: float  # drawing the training curves, which the trainer does once in curves_every_seconds at most
     curves_every_seconds: float
     report_seconds: float  # the report's figures and the last saves
+    stem_bias_epochs: int  # epochs trained at the probe's first speed; the later ones run at its frozen-stem speed
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,16 @@ def final_seconds(probe, workload, tta):
     return tta_passes(tta) * workload.final_eval_images / probe.eval_images_per_s + workload.report_seconds
 
 
+def training_seconds(probe, workload, epochs):
+    """The training steps of `epochs`: the first stem_bias_epochs at one measured speed, the rest at the other."""
+    early = min(epochs, workload.stem_bias_epochs)
+    return workload.train_images * (early / probe.train_images_per_s
+                                    + (epochs - early) / probe.frozen_stem_train_images_per_s)
+
+
 def forecast_seconds(probe, workload, epochs, tta):
     """Wall time of a run of `epochs` (fractional: the last epoch cut short), from process start to exit."""
-    return (workload.spent_seconds + epochs * workload.train_images / probe.train_images_per_s
+    return (workload.spent_seconds + training_seconds(probe, workload, epochs)
             + math.ceil(epochs - 1e-9) * epoch_overhead_seconds(probe, workload) + final_seconds(probe, workload, tta))
 
 
@@ -213,9 +222,10 @@ def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
 
 
 def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_left, budget_seconds, seconds_per_step,
-                     epoch_overhead_seconds, final_seconds):
+                     quicker_from_step, quicker_seconds_per_step, epoch_overhead_seconds, final_seconds):
     """The pace control's decision at `step`, part-way through an epoch, with seconds_left before the deadline: the
-    step at which training should now end, or None to keep final_step.
+    step at which training should now end, or None to keep final_step. Steps from quicker_from_step on (the stem bias
+    frozen) take quicker_seconds_per_step, those before it seconds_per_step.
 
     Ending at a step leaves, at the measured seconds_per_step, some seconds spare before the deadline. While the
     planned end leaves between MARGIN/2 and 3*MARGIN/2 of the budget spare, it stays. Outside that band it moves to
@@ -225,8 +235,9 @@ def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_le
     pace from moving it."""
     def spare(end_step):  # falls as end_step grows
         epoch_ends = -(-end_step // steps_per_epoch) - step // steps_per_epoch  # this epoch's end and later ones'
-        return seconds_left - (end_step - step) * seconds_per_step - epoch_ends * epoch_overhead_seconds - \
-            final_seconds
+        slower_steps = max(0, min(end_step, quicker_from_step) - step)
+        return seconds_left - slower_steps * seconds_per_step - (end_step - step - slower_steps) * \
+            quicker_seconds_per_step - epoch_ends * epoch_overhead_seconds - final_seconds
 
     behind = spare(final_step) < MARGIN / 2 * budget_seconds
     ahead = spare(final_step) > 3 * MARGIN / 2 * budget_seconds and final_step < longest_step

@@ -558,7 +558,8 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     workload = budget.Workload(
         train_images=len(data.train_images), eval_images=evaluated, final_eval_images=evaluated,
         spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
-        curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS)
+        curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
+        stem_bias_epochs=STEM_BIAS_EPOCHS)
     try:
         outcome = budget.choose(candidates, probes, workload, budget_seconds, args.tta, by_time)
     except budget.NoFit as no_fit:
@@ -639,10 +640,13 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
         probe = probes[index]
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
+            "frozen_stem_train_images_per_s": round(probe.frozen_stem_train_images_per_s, 1),
             "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2)}
-        print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training, "
-                                                              f"{probe.eval_images_per_s:,.0f} evaluating, checkpoints "
-                                                              f"{probe.save_seconds:.2f}s{shared}"),
+        print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training "
+                                                              f"({probe.frozen_stem_train_images_per_s:,.0f} once the "
+                                                              f"stem bias freezes), {probe.eval_images_per_s:,.0f} "
+                                                              f"evaluating, checkpoints {probe.save_seconds:.2f}s"
+                                                              f"{shared}"),
               flush=True)
     print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
@@ -657,9 +661,9 @@ def probe_batch_size(plan, data, dist):
 
 
 def probe_throughput(plan, data, dist, out_dir):
-    """Images/s of training steps and of evaluation for this plan's configuration on its device, from warmed-up
-    steps on real training images, and the seconds to write its checkpoints into out_dir (the model is thrown away
-    after). None if it runs out of memory."""
+    """Images/s of training steps, before and after the stem bias freezes, and of evaluation for this plan's
+    configuration on its device, from warmed-up steps on real training images, and the seconds to write its
+    checkpoints into out_dir (the model is thrown away after). None if it runs out of memory."""
     device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
     optimizer = make_optimizer(model, plan)
     batch = probe_batch_size(plan, data, dist)
@@ -680,16 +684,25 @@ def probe_throughput(plan, data, dist, out_dir):
             seconds.append(time.perf_counter() - t0)
         return statistics.median(seconds)
 
+    def step():
+        training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype, dist, plan["backprop_fraction"])
+
     try:
-        step_seconds = timed(lambda: training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype,
-                                                   dist, plan["backprop_fraction"]), PROBE_STEPS)
+        step_seconds = timed(step, PROBE_STEPS)
+        # After STEM_BIAS_EPOCHS the stem bias freezes (train_one_epoch), and the conv after the stem no longer
+        # computes its input's gradient: those epochs' steps are quicker (bench/RESULTS.md, fifteenth session), so a
+        # run's later epochs are forecast at their own speed.
+        stem_bias = model.parameter_groups()["stem_bias"]
+        for parameter in stem_bias:
+            parameter.requires_grad = False
+        frozen_stem_step_seconds = timed(step, PROBE_STEPS) if stem_bias else step_seconds
         eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
         eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
         return None
     save_seconds = checkpoint_seconds(model, optimizer, out_dir) if dist.is_main else 0.0  # rank 0 alone saves
     return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds,
-                        save_seconds)
+                        save_seconds, batch * dist.world_size / frozen_stem_step_seconds)
 
 
 def checkpoint_seconds(model, optimizer, out_dir):
@@ -739,6 +752,7 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         # What the pace control expects after each epoch and at the end, until it has measured them.
         "spent_seconds": round(workload.spent_seconds, 1),  # start-up, data and probe, before the choice
         "epoch_overhead_seconds": round(budget.epoch_overhead_seconds(best.probe, workload), 2),
+        "frozen_stem_speedup": round(best.probe.frozen_stem_train_images_per_s / best.probe.train_images_per_s, 3),
         "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2)})
 
 
@@ -1355,9 +1369,10 @@ def train_one_epoch(run, epoch, skip=0):
 def last_epoch_training(run):
     """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) unless that epoch ended
     after this process started or last retried an epoch (restore_run sets start_epoch): a resumed run may run on
-    other hardware, and an epoch before an out-of-memory back-off ran at another batch size."""
+    other hardware, and an epoch before an out-of-memory back-off ran at another batch size. Nor the last epoch whose
+    stem bias trained: the epochs after it run quicker."""
     rows = run.history["epochs"]
-    if not rows or rows[-1]["epoch"] <= run.start_epoch:
+    if not rows or rows[-1]["epoch"] <= run.start_epoch or rows[-1]["epoch"] == STEM_BIAS_EPOCHS:
         return 0.0, 0
     return rows[-1]["seconds"], rows[-1]["steps"]
 
@@ -1369,10 +1384,15 @@ def keep_pace(run, seconds_per_step):
     forecast = run.plan["budget"]
     budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
+    # While the stem bias trains, the steps after it freezes are forecast quicker by the ratio the probe measured
+    # (a plan made before the probe timed both has none); once it is frozen, every step left runs at the pace measured.
+    speedup = forecast.get("frozen_stem_speedup", 1.0)
     final_step = budget.paced_final_step(
         run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
         seconds_left=budget_seconds - run.seconds_spent, budget_seconds=budget_seconds,
-        seconds_per_step=seconds_per_step,
+        seconds_per_step=seconds_per_step, quicker_from_step=STEM_BIAS_EPOCHS * steps_per_epoch,
+        quicker_seconds_per_step=seconds_per_step / speedup if run.step < STEM_BIAS_EPOCHS * steps_per_epoch
+        else seconds_per_step,
         epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
         final_seconds=forecast["final_seconds"])
     end_epoch = run.dist.broadcast_object(None if final_step is None else final_step / steps_per_epoch)

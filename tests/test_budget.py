@@ -15,7 +15,7 @@ from budget import Candidate, Probe, Workload
 from conftest import ROOT, history_of, run_cli, run_trainer, start_trainer, wait_for_line
 
 CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
-                   curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0)
+                   curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0, stem_bias_epochs=3)
 SAVE = 1.5  # seconds a made-up probe takes to write an epoch's checkpoints
 PROBE_DATA = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
 SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, points=((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)),
@@ -67,14 +67,15 @@ def test_a_table_point_below_an_earlier_one_is_left_out():
     table = [table_entry(500, ((3, 85.38), (4, 86.62), (5, 86.55), (7, 88.11)))]
     candidate, = budget.table_candidates(table, "cpu", "fp32")
     assert candidate.points == ((3, 85.38), (4, 86.62), (7, 88.11))
-    probe = Probe(530, 1500, SAVE)
+    probe = Probe(530, 1500, SAVE, 530)
     choice = budget.choose([candidate], [probe], CIFAR10, 600, tta=2)
     assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 600) == 5
     assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) / 3)
 
 
 def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
-    probes = [Probe(530, 1500, SAVE), Probe(160, 450, SAVE)]  # measured-like: PowerCifarNet is 3.3x slower on this CPU
+    # Measured-like: PowerCifarNet is 3.3x slower on this CPU.
+    probes = [Probe(530, 1500, SAVE, 530), Probe(160, 450, SAVE, 160)]
     choice = budget.choose([SMALL, POWER], probes, CIFAR10, 600, tta=2)
     assert choice.best.candidate is SMALL and choice.runner_up is None  # 4 epochs of POWER take 21 minutes
     assert choice.best.epochs == latest_fitting_epochs(SMALL, probes[0], CIFAR10, 600)
@@ -87,9 +88,20 @@ def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
     assert choice.runner_up.candidate is SMALL and choice.runner_up.epochs == 10
 
 
+def test_the_epochs_after_the_stem_bias_freezes_are_forecast_at_their_own_speed():
+    """The first stem_bias_epochs train at the probe's first speed, the rest at its frozen-stem speed (quicker: the
+    first conv's input gradient is no longer computed), so more epochs fit than the first speed alone would say."""
+    probe, unchanged = Probe(500, 1500, SAVE, 600), Probe(500, 1500, SAVE, 500)
+    assert budget.training_seconds(probe, CIFAR10, 2.5) == pytest.approx(50_000 * 2.5 / 500)
+    assert budget.training_seconds(probe, CIFAR10, 5) == pytest.approx(50_000 * (3 / 500 + 2 / 600))
+    assert budget.forecast_seconds(probe, CIFAR10, 5, 2) - budget.forecast_seconds(unchanged, CIFAR10, 5, 2) == \
+        pytest.approx(50_000 * 2 * (1 / 600 - 1 / 500))
+    assert latest_fitting_epochs(SMALL, probe, CIFAR10, 900) > latest_fitting_epochs(SMALL, unchanged, CIFAR10, 900)
+
+
 def test_a_small_gpu_and_a_big_gpu_choose_differently_from_the_same_table():
-    small_gpu = [Probe(9_000, 30_000, SAVE), Probe(2_500, 9_000, SAVE)]
-    big_gpu = [Probe(60_000, 200_000, SAVE), Probe(25_000, 90_000, SAVE)]
+    small_gpu = [Probe(9_000, 30_000, SAVE, 9_000), Probe(2_500, 9_000, SAVE, 2_500)]
+    big_gpu = [Probe(60_000, 200_000, SAVE, 60_000), Probe(25_000, 90_000, SAVE, 25_000)]
     candidates = [POWER, WIDE]
     on_small = budget.choose(candidates, small_gpu, CIFAR10, 120, tta=2)
     assert on_small.best.candidate is POWER and on_small.runner_up is None  # 10 epochs of WIDE: over 3 minutes
@@ -101,7 +113,7 @@ def test_a_small_gpu_and_a_big_gpu_choose_differently_from_the_same_table():
 
 
 def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
-    probes = [Probe(530, 1500, SAVE), Probe(160, 450, SAVE)]
+    probes = [Probe(530, 1500, SAVE, 530), Probe(160, 450, SAVE, 160)]
     with pytest.raises(budget.NoFit) as refused:
         budget.choose([SMALL, POWER], probes, CIFAR10, 60, tta=2)
     smallest = refused.value.smallest_budget
@@ -113,10 +125,10 @@ def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
 
 def test_without_measured_accuracy_the_most_epochs_that_fit_win():
     unknown = Candidate("ResNet18", {}, "fp32", 128)
-    choice = budget.choose([unknown], [Probe(30, 100, SAVE)], CIFAR10, 7200, tta=0, by_time=True)
+    choice = budget.choose([unknown], [Probe(30, 100, SAVE, 30)], CIFAR10, 7200, tta=0, by_time=True)
     assert choice.best.accuracy is None and not choice.beyond_table
     assert choice.best.epochs == max(e for e in budget.epoch_grid(unknown, by_time=True)
-                                     if budget.forecast_seconds(Probe(30, 100, SAVE), CIFAR10, e, 0) <= 7200 * 0.96)
+                                     if budget.forecast_seconds(Probe(30, 100, SAVE, 30), CIFAR10, e, 0) <= 7200 * 0.96)
 
 
 def test_the_repository_table_is_well_formed():
@@ -160,7 +172,7 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
 
     def counted_probe(plan, data, dist, out_dir):
         probed_batches.append(plan["batch_size"])
-        return Probe(400.0 + len(probed_batches), 1500.0, SAVE)
+        return Probe(400.0 + len(probed_batches), 1500.0, SAVE, 400.0 + len(probed_batches))
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
@@ -183,7 +195,7 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
     def slow_probe(plan, data, dist, out_dir):
         probed.append(plan["batch_size"])
         time.sleep(0.3)
-        return Probe(400.0, 1500.0, SAVE)
+        return Probe(400.0, 1500.0, SAVE, 400.0)
 
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
     plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
@@ -219,7 +231,7 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
 
     def counted_probe(plan, data, dist, out_dir):
         probed.append((train.probe_batch_size(plan, data, dist), plan["backprop_fraction"]))
-        return Probe(400.0 + len(probed), 1500.0, SAVE)
+        return Probe(400.0 + len(probed), 1500.0, SAVE, 400.0 + len(probed))
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     table = [table_entry(1000, ((4, 85.0),), backprop_fraction=fraction) for fraction in (1.0, 0.5)]
@@ -285,19 +297,23 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
     planned to end at step 40. Finishing at step 40 leaves seconds_left - 25 - 3 * 2 - 5 spare: the band keeps it
     between 2 and 6 s, the move aims at 4 s."""
     def paced(seconds_left, longest_step=80):
-        return budget.paced_final_step(15, 40, longest_step, 10, seconds_left, 100, 1.0, 2.0, 5.0)
+        return budget.paced_final_step(15, 40, longest_step, 10, seconds_left, 100, 1.0, 0, 1.0, 2.0, 5.0)
 
     assert paced(36 + 2) is None and paced(36 + 6) is None  # within the band: the end stays
     assert paced(36 + 1) == 37  # behind (1 s spare): 3 steps sooner leave 4 s
     assert paced(36 + 7) == 41  # ahead (7 s spare): 1 more step, starting a 5th epoch (2 s more), leaves 4 s
     assert paced(36 + 60) == 80 and paced(36 + 60, longest_step=40) is None  # never past the table's longest run
     assert paced(10) == 16  # hopeless: end after the next step
+    # Steps from 30 on (the stem bias frozen) at 0.5 s: ending at 40 costs 15 + 5 s of steps, 6 s after the epochs
+    # and 5 s at the end. With 32 s left that is 1 s spare: behind; ending at 34 leaves 4 s (all at 1 s: 32).
+    assert budget.paced_final_step(15, 40, 80, 10, 32, 100, 1.0, 30, 0.5, 2.0, 5.0) == 34
+    assert budget.paced_final_step(15, 40, 80, 10, 31 + 4, 100, 1.0, 30, 0.5, 2.0, 5.0) is None
 
 
 def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     """The pace is measured over the last epoch's row and the current epoch. A row from before a resume (other
-    hardware, perhaps) or before an out-of-memory retry (another batch size: restore_run sets start_epoch to the
-    retried epoch) is left out."""
+    hardware, perhaps), before an out-of-memory retry (another batch size: restore_run sets start_epoch to the
+    retried epoch) or from before the stem bias froze is left out."""
     def run_with(*rows, start_epoch=0):
         return SimpleNamespace(start_epoch=start_epoch, history={"epochs": [
             {"epoch": epoch, "seconds": seconds, "steps": steps} for epoch, (seconds, steps) in enumerate(rows, 1)]})
@@ -306,6 +322,9 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100))) == (80.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=1)) == (80.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=2)) == (0.0, 0)
+    # Nor the last epoch whose stem bias trained (train.STEM_BIAS_EPOCHS = 3): the epochs after it run quicker.
+    assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100))) == (0.0, 0)
+    assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100), (70.0, 100))) == (70.0, 100)
 
 
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
@@ -316,7 +335,8 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
 
     def slow_probe(*args, **kwargs):
         probe = real_probe(*args, **kwargs)
-        return dataclasses.replace(probe, train_images_per_s=probe.train_images_per_s / 2)
+        return dataclasses.replace(probe, train_images_per_s=probe.train_images_per_s / 2,
+                                   frozen_stem_train_images_per_s=probe.frozen_stem_train_images_per_s / 2)
 
     monkeypatch.setattr(budget, "load_table", lambda: table)
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
@@ -332,6 +352,7 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     assert history["plan"]["epochs"] < outcome["epochs_trained"] <= 32 and outcome["seconds"] <= 20
     # What the forecast's parts were, and the epochs' measured overhead, to compare them by (bench/RESULTS.md).
     assert 0 < history["plan"]["budget"]["spent_seconds"] < outcome["seconds"]
+    assert history["plan"]["budget"]["probes"][0]["frozen_stem_train_images_per_s"] > 0  # the probe timed both
     assert 0 < outcome["epoch_overhead_seconds"] < outcome["seconds"]
     assert outcome["table_acc_for_epochs_trained"] == pytest.approx(
         budget.expected_accuracy([(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)], outcome["epochs_trained"]), abs=0.01)
