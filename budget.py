@@ -68,7 +68,7 @@ class Probe:
     train_images_per_s: float  # while the stem bias trains (the first Workload.stem_bias_epochs)
     eval_images_per_s: float
     save_seconds: float  # writing an epoch's checkpoints of the candidate's model
-    frozen_stem_train_images_per_s: float  # once it freezes: quicker, no gradient is needed before the first conv
+    frozen_stem_train_images_per_s: float  # once it freezes: quicker, the conv after the stem skips its input gradient
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_le
     step at which training should now end, or None to keep final_step. Steps from quicker_from_step on (the stem bias
     frozen) take quicker_seconds_per_step, those before it seconds_per_step.
 
-    Ending at a step leaves, at the measured seconds_per_step, some seconds spare before the deadline. While the
+    Ending at a step leaves, at those paces, some seconds spare before the deadline. While the
     planned end leaves between MARGIN/2 and 3*MARGIN/2 of the budget spare, it stays. Outside that band it moves to
     the last step that leaves a whole MARGIN: sooner when the run is behind (a noisy machine, or a probe that
     measured it faster than its epochs run), later when it is ahead, but never past longest_step, the table's

@@ -541,7 +541,8 @@ def print_plan(plan):
 # budget.choose (pure) picks the most accurate one that fits, whose plan replaces it before anything trains.
 
 PROBE_SHARE = 0.05  # of the budget, at most, spent probing
-PROBE_STEPS = 5  # timed training steps per candidate, after one warm-up step (it allocates memory, picks kernels)
+PROBE_STEPS = 5  # timed training steps per candidate and stem state, each after a warm-up step (it allocates memory,
+# picks kernels)
 PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU: images/s is the same from 512 to 2000 there
 # (measured), and a step of 2000 takes seconds
 FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
@@ -695,7 +696,8 @@ def probe_throughput(plan, data, dist, out_dir):
         stem_bias = model.parameter_groups()["stem_bias"]
         for parameter in stem_bias:
             parameter.requires_grad = False
-        frozen_stem_step_seconds = timed(step, PROBE_STEPS) if stem_bias else step_seconds
+        # At most as long as a step before: it does less work, and a longer median is the machine's noise.
+        frozen_stem_step_seconds = min(timed(step, PROBE_STEPS), step_seconds) if stem_bias else step_seconds
         eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
         eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
@@ -1369,12 +1371,13 @@ def train_one_epoch(run, epoch, skip=0):
 def last_epoch_training(run):
     """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) unless that epoch ended
     after this process started or last retried an epoch (restore_run sets start_epoch): a resumed run may run on
-    other hardware, and an epoch before an out-of-memory back-off ran at another batch size. Nor the last epoch whose
-    stem bias trained: the epochs after it run quicker."""
+    other hardware, and an epoch before an out-of-memory back-off ran at another batch size. The last epoch whose stem
+    bias trained counts as the quicker epochs after it would have run, by the probe's measured ratio."""
     rows = run.history["epochs"]
-    if not rows or rows[-1]["epoch"] <= run.start_epoch or rows[-1]["epoch"] == STEM_BIAS_EPOCHS:
+    if not rows or rows[-1]["epoch"] <= run.start_epoch:
         return 0.0, 0
-    return rows[-1]["seconds"], rows[-1]["steps"]
+    speedup = run.plan["budget"].get("frozen_stem_speedup", 1.0) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
+    return rows[-1]["seconds"] / speedup, rows[-1]["steps"]
 
 
 def keep_pace(run, seconds_per_step):
