@@ -1376,8 +1376,14 @@ def last_epoch_training(run):
     rows = run.history["epochs"]
     if not rows or rows[-1]["epoch"] <= run.start_epoch:
         return 0.0, 0
-    speedup = run.plan["budget"].get("frozen_stem_speedup", 1.0) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
+    speedup = frozen_stem_speedup(run.plan["budget"]) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
     return rows[-1]["seconds"] / speedup, rows[-1]["steps"]
+
+
+def frozen_stem_speedup(forecast):
+    """How much quicker the probe measured the steps once the stem bias freezes; 1 for a plan made before it timed
+    both."""
+    return forecast.get("frozen_stem_speedup", 1.0)
 
 
 def keep_pace(run, seconds_per_step):
@@ -1387,14 +1393,14 @@ def keep_pace(run, seconds_per_step):
     forecast = run.plan["budget"]
     budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
-    # While the stem bias trains, the steps after it freezes are forecast quicker by the ratio the probe measured
-    # (a plan made before the probe timed both has none); once it is frozen, every step left runs at the pace measured.
-    speedup = forecast.get("frozen_stem_speedup", 1.0)
+    # While the stem bias trains, the steps after it freezes are forecast quicker by the ratio the probe measured;
+    # once it is frozen, every step left runs at the pace measured.
+    frozen_from_step = STEM_BIAS_EPOCHS * steps_per_epoch
     final_step = budget.paced_final_step(
         run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
         seconds_left=budget_seconds - run.seconds_spent, budget_seconds=budget_seconds,
-        seconds_per_step=seconds_per_step, quicker_from_step=STEM_BIAS_EPOCHS * steps_per_epoch,
-        quicker_seconds_per_step=seconds_per_step / speedup if run.step < STEM_BIAS_EPOCHS * steps_per_epoch
+        seconds_per_step=seconds_per_step, quicker_from_step=frozen_from_step,
+        quicker_seconds_per_step=seconds_per_step / frozen_stem_speedup(forecast) if run.step < frozen_from_step
         else seconds_per_step,
         epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
         final_seconds=forecast["final_seconds"])
