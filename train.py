@@ -251,10 +251,8 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
             + f", {world_size} ranks"
         tier_batch -= tier_batch % world_size
     plan = {
-        "device": f"cuda:{group[0].index}" if group else "cpu",
-        "device_ids": [g.index for g in group],
+        **placement(group, world_size),
         "ignored_gpus": [f"GPU {g.index} {g.name}" for g in ignored],
-        "gpu_name": group[0].name if group else None,
         "model": model_name,
         "model_kwargs": model_kwargs,
         "recipe": recipe,
@@ -272,13 +270,10 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
                                                               "--weight-decay", defaults["weight_decay_reason"])
     plan["epochs"], reasons["epochs"] = _given_or(epochs, tier_epochs, "--epochs", "the default for this tier")
     plan["precision"], reasons["precision"] = choose_precision(group, hw.cpu_bf16, precision)
-    plan["parallel"] = "DataParallel" if len(group) > 1 else "none"
     plan["world_size"] = world_size
-    if world_size > 1:
-        plan["parallel"] = "DistributedDataParallel"
-        if plan["batch_size"] % world_size:
-            raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
-                            f"the {world_size} ranks. Choose a multiple of {world_size}.")
+    if plan["batch_size"] % world_size:
+        raise UserError(f"--batch-size {plan['batch_size']} is the global batch and must divide evenly over "
+                        f"the {world_size} ranks. Choose a multiple of {world_size}.")
     plan["threads"], reasons["threads"] = plan_threads(hw, local_world_size, threads)
     plan["val_split"], plan["patience"], reasons["selection"] = choose_selection(val_split, patience, folds)
     plan["budget"] = {"seconds": budget_seconds} if budget_seconds else None
@@ -286,6 +281,13 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
         reasons["epochs"] = "to be chosen by --budget from a throughput probe, once the data is loaded"
     plan["reasons"] = reasons
     return plan
+
+
+def placement(group, world_size):
+    """Where a plan trains, from its GPU group (none: the CPU): the same rules for a new plan and a resumed one."""
+    return {"device": f"cuda:{group[0].index}" if group else "cpu", "device_ids": [g.index for g in group],
+            "gpu_name": group[0].name if group else None,
+            "parallel": "DistributedDataParallel" if world_size > 1 else "DataParallel" if len(group) > 1 else "none"}
 
 
 def choose_selection(val_split, patience, folds=None):
@@ -474,10 +476,7 @@ def place_resumed_plan(saved, hw, world_size=1, local_rank=0, local_world_size=1
         group = choose_gpu_group(hw.gpus)[0][:len(saved["device_ids"])]
     else:
         group = []
-    plan = dict(saved, reasons=dict(saved["reasons"]), device=f"cuda:{group[0].index}" if group else "cpu",
-                device_ids=[g.index for g in group], gpu_name=group[0].name if group else None, ignored_gpus=[])
-    if world_size == 1:
-        plan["parallel"] = "DataParallel" if len(group) > 1 else "none"
+    plan = dict(saved, **placement(group, world_size), reasons=dict(saved["reasons"]), ignored_gpus=[])
     plan["threads"], plan["reasons"]["threads"] = plan_threads(hw, local_world_size, threads)
 
     def where(p):

@@ -181,7 +181,8 @@ def test_each_torchrun_rank_resumes_on_its_own_gpu():
     saved = train.make_plan(hw, world_size=2, local_rank=0, local_world_size=2)  # rank 0's, as last.pth holds
     for rank in (0, 1):
         plan, changes = train.place_resumed_plan(saved, hw, world_size=2, local_rank=rank, local_world_size=2)
-        assert (plan["device"], plan["device_ids"], changes) == (f"cuda:{rank}", [rank], [])
+        assert (plan["device"], plan["device_ids"], plan["parallel"], changes) == (f"cuda:{rank}", [rank],
+                                                                                   "DistributedDataParallel", [])
 
 
 def test_a_resumed_plan_follows_the_gpus_there_are():
