@@ -619,21 +619,29 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # PROBE_CPU_BATCH images a step, so the candidates that differ only in batch share one measurement, and the
     # choice between them is not made by noise.
     probed = {}  # (model, model_kwargs, backprop fraction, probe batch) -> (the probe, the label of what it measured)
+    # On a CPU a probe's seconds follow its work, so the next one's are foretold from the last one's, and a probe that
+    # would pass the share is not started (a wide network's probe is several times a small one's). On a GPU they do
+    # not (a new network's kernel search, a small network's idle device): only the seconds spent are counted.
+    seconds_per_work, share = None, PROBE_SHARE * budget_seconds
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, skip, shared = candidates[index], None, ""
         trial_plan = candidate_plan(plan, candidate)
         key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), candidate.backprop_fraction,
                probe_batch_size(trial_plan, data, dist))
+        work = cost[index] * key[-1] * (1 + 2 * candidate.backprop_fraction)  # a backward pass costs two forwards
+        foretold = seconds_per_work * work if seconds_per_work and not start_exempt else 0.0
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
-        elif spent > PROBE_SHARE * budget_seconds:
-            skip = f"not probed: the probe's share of the budget ({PROBE_SHARE:.0%}) is spent"
+        elif spent + foretold > share:
+            passed = "is spent" if spent > share else f"would be passed by its {foretold:.1f}s"
+            skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) {passed}"
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
         if skip is None and not shared:
             t0 = time.time()
             probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir))
             spent += (time.time() - t0) if probed or not start_exempt else 0.0
+            seconds_per_work = (time.time() - t0) / work
             probed[key] = probes[index], candidate.label
         if probes[index] is None and not skip:
             skip = "out of memory at this batch"

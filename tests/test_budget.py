@@ -205,6 +205,29 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
     assert probed == probed_batches and probes[2] is None and "share of the budget" in records[2]["skipped"]
 
 
+@pytest.mark.parametrize("share_seconds, probed_batches", [(0.25, [250]), (0.6, [250, 500])])
+def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share_seconds, probed_batches):
+    """On a CPU the next probe's seconds are foretold from the last one's by their work: batch 2000 is probed at 500
+    images a step, twice batch 250's work, so after a 0.1 s probe it is foretold 0.2 s and started only if the share
+    has room for it. Before, a probe started whenever the share was not yet spent: a 1.5-wide network's would have
+    taken a 5-minute budget's probing on a bf16 CPU from 10 s to about 25 s, past its 15 s share."""
+    probed = []
+
+    def timed_probe(plan, data, dist, out_dir):
+        probed.append(train.probe_batch_size(plan, data, dist))
+        time.sleep(0.1 * probed[-1] / 250)
+        return Probe(400.0, 1500.0, SAVE, 400.0)
+
+    monkeypatch.setattr(train, "probe_throughput", timed_probe)
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (250, 2000)]
+    probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(),
+                                             share_seconds / train.PROBE_SHARE, out_dir=None)
+    assert probed == probed_batches
+    if len(probed) == 1:
+        assert probes[1] is None and "would be passed by its 0.2s" in records[1]["skipped"]
+
+
 def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path, monkeypatch):
     written = []
     real_write_synced = train.write_synced
