@@ -624,40 +624,54 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # not (a new network's kernel search, a small network's idle device): only the seconds spent are counted.
     seconds_per_work, share = None, PROBE_SHARE * budget_seconds
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
-        candidate, skip, shared = candidates[index], None, ""
+        candidate, skip, shared, timing = candidates[index], None, "", {}
         trial_plan = candidate_plan(plan, candidate)
         key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), candidate.backprop_fraction,
                probe_batch_size(trial_plan, data, dist))
-        work = cost[index] * key[-1] * (1 + 2 * candidate.backprop_fraction)  # a backward pass costs two forwards
+        work = step_work(cost[index], key[-1], candidate.backprop_fraction)
         foretold = seconds_per_work * work if seconds_per_work and not start_exempt else 0.0
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
+        elif spent > share:
+            skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) is spent"
         elif spent + foretold > share:
-            passed = "is spent" if spent > share else f"would be passed by its {foretold:.1f}s"
-            skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) {passed}"
+            skip = (f"not probed: foretold at {foretold:.1f}s, it would take the probes past their share of the "
+                    f"budget ({PROBE_SHARE:.0%}, {share:.1f}s; {spent:.1f}s spent)")
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
         if skip is None and not shared:
             t0 = time.time()
             probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir))
-            spent += (time.time() - t0) if probed or not start_exempt else 0.0
-            seconds_per_work = (time.time() - t0) / work
+            probe_seconds = time.time() - t0
+            spent += probe_seconds if probed or not start_exempt else 0.0
+            if probes[index] is not None:  # one that ran out of memory stopped early
+                seconds_per_work = probe_seconds / work
             probed[key] = probes[index], candidate.label
+            # Kept to check the foretelling by: the seconds this probe took, and those foretold (none for the first).
+            timing = {"probe_seconds": round(probe_seconds, 2), "foretold_seconds": round(foretold, 2) or None}
         if probes[index] is None and not skip:
             skip = "out of memory at this batch"
         probe = probes[index]
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
             "frozen_stem_train_images_per_s": round(probe.frozen_stem_train_images_per_s, 1),
-            "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2)}
+            "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2),
+            **timing}
+        took = f", probed in {timing['probe_seconds']:.1f}s" if timing else ""
         print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training "
                                                               f"({probe.frozen_stem_train_images_per_s:,.0f} once the "
                                                               f"stem bias freezes), {probe.eval_images_per_s:,.0f} "
                                                               f"evaluating, checkpoints {probe.save_seconds:.2f}s"
-                                                              f"{shared}"),
+                                                              f"{took}{shared}"),
               flush=True)
     print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
+
+
+def step_work(macs, batch, backprop_fraction):
+    """Multiply-adds of one training step (training_step) of `batch` images: a forward and a backward pass (two
+    forwards' worth) of those backpropagated, and below a fraction of 1 a gradient-free forward of all of them."""
+    return macs * (3 * batch * backprop_fraction + (batch if backprop_fraction < 1 else 0))
 
 
 def probe_batch_size(plan, data, dist):

@@ -224,8 +224,14 @@ def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share
     probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(),
                                              share_seconds / train.PROBE_SHARE, out_dir=None)
     assert probed == probed_batches
-    if len(probed) == 1:
-        assert probes[1] is None and "would be passed by its 0.2s" in records[1]["skipped"]
+    assert records[0]["probe_seconds"] >= 0.1 and records[0]["foretold_seconds"] is None
+    if len(probed) == 2:
+        assert records[1]["foretold_seconds"] == pytest.approx(2 * records[0]["probe_seconds"], abs=0.02)
+    else:
+        assert probes[1] is None and "it would take the probes past their share" in records[1]["skipped"]
+    # A Selective-Backprop step of 1000 images, half backpropagated, adds a gradient-free forward of all 1000 to the
+    # plain step of 500: 5/3 of its work.
+    assert train.step_work(1, 1000, 0.5) / train.step_work(1, 500, 1.0) == pytest.approx(5 / 3)
 
 
 def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path, monkeypatch):
