@@ -205,18 +205,20 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
     assert probed == probed_batches and probes[2] is None and "share of the budget" in records[2]["skipped"]
 
 
-@pytest.mark.parametrize("share_seconds, probed_batches", [(0.25, [250]), (0.6, [250, 500])])
+@pytest.mark.parametrize("share_seconds, probed_batches", [(0.6, [250]), (0.8, [250, 500])])
 def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share_seconds, probed_batches):
-    """On a CPU the next probe's seconds are foretold from the last one's by their work: batch 2000 is probed at 500
-    images a step, twice batch 250's work, so after a 0.1 s probe it is foretold 0.2 s and started only if the share
-    has room for it. Before, a probe started whenever the share was not yet spent: a 1.5-wide network's would have
-    taken a 5-minute budget's probing on a bf16 CPU from 10 s to about 25 s, past its 15 s share."""
+    """On a CPU the next probe's seconds are foretold from the last one's: its steps' by their work, the rest as the
+    last's. Here each probe spends 0.2 s outside its steps, and batch 250's steps take 0.1 s; batch 2000, probed at
+    500 images a step, is foretold 0.2 + 0.2 s, and started only if the share has room for it. Before, a probe started
+    whenever the share was not yet spent: a 1.5-wide network's would have taken a 5-minute budget's probing on a bf16
+    CPU from 10 s to about 25 s, past its 15 s share."""
     probed = []
+    images_per_s = (train.PROBE_STEPS + 1) * 2 * 250 / 0.1  # batch 250's steps take 0.1 s
 
     def timed_probe(plan, data, dist, out_dir):
         probed.append(train.probe_batch_size(plan, data, dist))
-        time.sleep(0.1 * probed[-1] / 250)
-        return Probe(400.0, 1500.0, SAVE, 400.0)
+        time.sleep(0.2 + probed[-1] * 2 * (train.PROBE_STEPS + 1) / images_per_s)
+        return Probe(images_per_s, 1500.0, SAVE, images_per_s)
 
     monkeypatch.setattr(train, "probe_throughput", timed_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
@@ -224,9 +226,9 @@ def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share
     probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(),
                                              share_seconds / train.PROBE_SHARE, out_dir=None)
     assert probed == probed_batches
-    assert records[0]["probe_seconds"] >= 0.1 and records[0]["foretold_seconds"] is None
-    if len(probed) == 2:
-        assert records[1]["foretold_seconds"] == pytest.approx(2 * records[0]["probe_seconds"], abs=0.02)
+    assert records[0]["probe_seconds"] >= 0.3 and records[0]["foretold_seconds"] is None
+    if len(probed) == 2:  # scaled whole, it would have been foretold 0.6 s and not started
+        assert records[1]["foretold_seconds"] == pytest.approx(0.4, abs=0.03)
     else:
         assert probes[1] is None and "it would take the probes past their share" in records[1]["skipped"]
     # A Selective-Backprop step of 1000 images, half backpropagated, adds a gradient-free forward of all 1000 to the
