@@ -676,15 +676,15 @@ def step_work(macs, batch, backprop_fraction):
 
 
 def probe_steps_seconds(probe, batch):
-    """Seconds the probe's training steps of `batch` images took: a warm-up and PROBE_STEPS at each stem state."""
+    """Seconds the probe's training steps of `batch` images took: a warm-up and PROBE_STEPS at each stem state (a
+    network without a stem bias times one state only; none is a table candidate, where several are probed)."""
     return (PROBE_STEPS + 1) * batch * (1 / probe.train_images_per_s + 1 / probe.frozen_stem_train_images_per_s)
 
 
 def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     """A CPU probe's seconds, foretold from the last probe's: its steps' seconds scaled by their work (step_work), and
     the rest (building the model, first allocations, an evaluation, the checkpoints) as long as the last one's. Scaled
-    whole, a small network's probe foretold PowerCifarNet's at 1.8 times its seconds (measured: 3.9 s -> 13.9 s,
-    against 7.7 s)."""
+    whole, a small network's probe foretold PowerCifarNet's at nearly twice its seconds (bench/RESULTS.md)."""
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
 
 
