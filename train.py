@@ -546,6 +546,8 @@ PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU: images/s
 # (measured), and a step of 2000 takes seconds
 FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (measured under it on a fast CPU; see RESULTS)
+SHORTEST_RUN_OVERESTIMATE = 1.25  # the most a CPU probe's foretelling of another network's training steps may read
+# them slow: it overestimated PowerCifarNet's 1.23 times from SmallCifarNet's probe (see RESULTS)
 
 
 def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
@@ -623,17 +625,29 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # the last one's (foretold_probe_seconds), and a probe that would pass the share is not started (a wide network's
     # is several times a small one's). On a GPU they do not (a new network's kernel search, a small network's idle
     # device): only the seconds spent are counted.
-    last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work)
+    # The same foretelling leaves out a candidate whose shortest measured run cannot fit the budget whatever its probe
+    # says: a 1.5-wide network's probe took half of a 10-minute budget's share on a bf16 CPU, for a run of 16 minutes.
+    last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work, label)
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, skip, shared, timing = candidates[index], None, "", {}
         trial_plan = candidate_plan(plan, candidate)
         key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), candidate.backprop_fraction,
                probe_batch_size(trial_plan, data, dist))
         work = step_work(cost[index], key[-1], candidate.backprop_fraction)
-        foretold = foretold_probe_seconds(*last, work) if last and not start_exempt else 0.0
+        foretold = shortest_run_seconds = 0.0  # of this probe, and of its shortest measured run's training steps
+        if last and not start_exempt:
+            last_seconds, last_steps_seconds, last_work, last_label = last
+            foretold = foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work)
+            if candidate.points:
+                shortest_run_seconds = foretold_shortest_run_seconds(
+                    last_steps_seconds, last_work, candidate, cost[index], len(data.train_images) / dist.world_size)
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
+        elif shortest_run_seconds > SHORTEST_RUN_OVERESTIMATE * (budget_seconds - spent):
+            skip = (f"not probed: its shortest measured run, {candidate.points[0][0]:g} epochs, is foretold at "
+                    f"{budget.duration_text(shortest_run_seconds)} of training steps alone (from {last_label}'s "
+                    f"probe), too long for the budget")
         elif spent > share:
             skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) is spent"
         elif spent + foretold > share:
@@ -646,7 +660,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
             probe_seconds = time.time() - t0
             spent += probe_seconds if probed or not start_exempt else 0.0
             if probes[index] is not None:  # one that ran out of memory stopped early
-                last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work
+                last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work, \
+                    candidate.label
             probed[key] = probes[index], candidate.label
             # Kept to check the foretelling by: the seconds this probe took, and those foretold (none for the first).
             timing = {"probe_seconds": round(probe_seconds, 2), "foretold_seconds": round(foretold, 2) or None}
@@ -686,6 +701,15 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     the rest (building the model, first allocations, an evaluation, the checkpoints) as long as the last one's. Scaled
     whole, a small network's probe foretold PowerCifarNet's at nearly twice its seconds (bench/RESULTS.md)."""
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
+
+
+def foretold_shortest_run_seconds(last_steps_seconds, last_work, candidate, macs, images_per_rank):
+    """The training steps' seconds of a CPU candidate's shortest measured run (its first table point), foretold from
+    the last probe's: their seconds per multiply-add (both stem states' steps alike), times the run's (step_work per
+    image). It is left out only above SHORTEST_RUN_OVERESTIMATE times the budget left: even read that slow, its steps
+    alone would fill the budget, before its evaluations and finish."""
+    seconds_per_work = last_steps_seconds / (2 * (PROBE_STEPS + 1) * last_work)
+    return candidate.points[0][0] * images_per_rank * step_work(macs, 1, candidate.backprop_fraction) * seconds_per_work
 
 
 def probe_batch_size(plan, data, dist):

@@ -195,7 +195,7 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
     def slow_probe(plan, data, dist, out_dir):
         probed.append(plan["batch_size"])
         time.sleep(0.3)
-        return Probe(400.0, 1500.0, SAVE, 400.0)
+        return Probe(40000.0, 1500.0, SAVE, 40000.0)  # quick steps: every run fits, the share alone decides
 
     monkeypatch.setattr(train, "probe_throughput", slow_probe)
     plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
@@ -234,6 +234,37 @@ def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share
     # A Selective-Backprop step of 1000 images, half backpropagated, adds a gradient-free forward of all 1000 to the
     # plain step of 500: 5/3 of its work.
     assert train.step_work(1, 1000, 0.5) / train.step_work(1, 500, 1.0) == pytest.approx(5 / 3)
+
+
+@pytest.mark.parametrize("gpus, budget_seconds, probed_models", [
+    ((), 90, ["SmallCifarNet"]), ((), 100, ["SmallCifarNet", "PowerCifarNet"]),
+    ((train.GPU(0, "made-up GPU", 24.0),), 90, ["SmallCifarNet", "PowerCifarNet"])])
+def test_a_cpu_candidate_whose_shortest_run_cannot_fit_is_not_probed(monkeypatch, gpus, budget_seconds,
+                                                                     probed_models):
+    """SmallCifarNet's probe, 6,000 images/s, foretells PowerCifarNet's shortest measured run, 40 epochs of 5,000
+    images, at 200,000 images times its work per image over SmallCifarNet's (3.6): 119 s of training steps. It is left
+    out when that passes SHORTEST_RUN_OVERESTIMATE (1.25) times the budget: at 90 s, not at 100 s; its probe, foretold
+    at 3.6 s, fits either budget's share (4.5 and 5 s). Before, it was probed though it could not fit: a 1.5-wide
+    network's probe took 16 s of a 10-minute budget on a bf16 CPU, for a run of 16 minutes. A GPU's probes are not
+    foretold (a new network's kernel search, a small network's idle device)."""
+    probed = []
+
+    def instant_probe(plan, data, dist, out_dir):
+        probed.append(plan["model"])
+        return Probe(6000.0, 1500.0, SAVE, 6000.0)
+
+    monkeypatch.setattr(train, "probe_throughput", instant_probe)
+    plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
+    long_power = dataclasses.replace(POWER, points=((40, 90.0), (50, 91.0)))
+    probes, records = train.probe_candidates(plan, [long_power, SMALL], PROBE_DATA, train.Dist(), budget_seconds,
+                                             out_dir=None)
+    assert probed == probed_models
+    if len(probed) == 1:
+        assert probes[0] is None and records[0]["skipped"] == (
+            "not probed: its shortest measured run, 40 epochs, is foretold at 1 min 59 s of training steps alone "
+            "(from SmallCifarNet() fp32, batch 2000's probe), too long for the budget")
+    else:
+        assert probes[0] is not None and records[0]["probe_seconds"] < 1
 
 
 def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there(tmp_path, monkeypatch):
