@@ -660,8 +660,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
             probe_seconds = time.time() - t0
             spent += probe_seconds if probed or not start_exempt else 0.0
             if probes[index] is not None:  # one that ran out of memory stopped early
-                last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work, \
-                    candidate.label
+                last = (probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work,
+                        candidate.label)
             probed[key] = probes[index], candidate.label
             # Kept to check the foretelling by: the seconds this probe took, and those foretold (none for the first).
             timing = {"probe_seconds": round(probe_seconds, 2), "foretold_seconds": round(foretold, 2) or None}
