@@ -627,7 +627,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # device): only the seconds spent are counted.
     # The same foretelling leaves out a candidate whose shortest measured run cannot fit the budget whatever its probe
     # says: a 1.5-wide network's probe took half of a 10-minute budget's share on a bf16 CPU, for a run of 16 minutes.
-    last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work, label)
+    last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work, index)
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, skip, shared, timing = candidates[index], None, "", {}
         trial_plan = candidate_plan(plan, candidate)
@@ -636,18 +636,19 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
         work = step_work(cost[index], key[-1], candidate.backprop_fraction)
         foretold = shortest_run_seconds = 0.0  # of this probe, and of its shortest measured run's training steps
         if last and not start_exempt:
-            last_seconds, last_steps_seconds, last_work, last_label = last
+            last_seconds, last_steps_seconds, last_work, last_index = last
             foretold = foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work)
             if candidate.points:
                 shortest_run_seconds = foretold_shortest_run_seconds(
-                    last_steps_seconds, last_work, candidate, cost[index], len(data.train_images) / dist.world_size)
+                    probes[last_index], candidates[last_index], cost[last_index], candidate, cost[index],
+                    len(data.train_images))
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
         elif shortest_run_seconds > SHORTEST_RUN_OVERESTIMATE * (budget_seconds - spent):
             skip = (f"not probed: its shortest measured run, {candidate.points[0][0]:g} epochs, is foretold at "
-                    f"{budget.duration_text(shortest_run_seconds)} of training steps alone (from {last_label}'s "
-                    f"probe), too long for the budget")
+                    f"{budget.duration_text(shortest_run_seconds)} of training steps alone (from "
+                    f"{candidates[last_index].label}'s probe), too long for the budget")
         elif spent > share:
             skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) is spent"
         elif spent + foretold > share:
@@ -660,8 +661,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
             probe_seconds = time.time() - t0
             spent += probe_seconds if probed or not start_exempt else 0.0
             if probes[index] is not None:  # one that ran out of memory stopped early
-                last = (probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work,
-                        candidate.label)
+                last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work, index
             probed[key] = probes[index], candidate.label
             # Kept to check the foretelling by: the seconds this probe took, and those foretold (none for the first).
             timing = {"probe_seconds": round(probe_seconds, 2), "foretold_seconds": round(foretold, 2) or None}
@@ -703,13 +703,15 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
 
 
-def foretold_shortest_run_seconds(last_steps_seconds, last_work, candidate, macs, images_per_rank):
+def foretold_shortest_run_seconds(last_probe, last_candidate, last_macs, candidate, macs, train_images):
     """The training steps' seconds of a CPU candidate's shortest measured run (its first table point), foretold from
-    the last probe's: their seconds per multiply-add (both stem states' steps alike), times the run's (step_work per
-    image). It is left out only above SHORTEST_RUN_OVERESTIMATE times the budget left: even read that slow, its steps
-    alone would fill the budget, before its evaluations and finish."""
-    seconds_per_work = last_steps_seconds / (2 * (PROBE_STEPS + 1) * last_work)
-    return candidate.points[0][0] * images_per_rank * step_work(macs, 1, candidate.backprop_fraction) * seconds_per_work
+    the last probe's: its seconds per image (both stem states' speeds alike) scaled by work per image (step_work). It
+    is left out only above SHORTEST_RUN_OVERESTIMATE times the budget left: even read that slow, its steps alone
+    would fill the budget, before its evaluations and finish."""
+    seconds_per_image = (1 / last_probe.train_images_per_s + 1 / last_probe.frozen_stem_train_images_per_s) / 2
+    work_ratio = (step_work(macs, 1, candidate.backprop_fraction)
+                  / step_work(last_macs, 1, last_candidate.backprop_fraction))
+    return candidate.points[0][0] * train_images * seconds_per_image * work_ratio
 
 
 def probe_batch_size(plan, data, dist):
