@@ -5,8 +5,8 @@ candidate's time and accuracy and chooses; tests/test_budget.py drives it with m
 
 The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch, backprop
 fraction, device type), test accuracy with TTA after E epochs, measured here by bench/accuracy_table.py (an entry
-from elsewhere names its source). Accuracy between two points is interpolated linearly; outside the measured
-epochs it is not forecast.
+from elsewhere names its source). Accuracy between two points is interpolated linearly in 1/epochs; outside the
+measured epochs it is not forecast.
 """
 from __future__ import annotations
 
@@ -143,10 +143,12 @@ def rising(points):
 
 
 def expected_accuracy(points, epochs):
-    """Linear interpolation between the measured points; None outside them (no silent extrapolation)."""
+    """Interpolation between the measured points, linear in 1/epochs; None outside them (no silent extrapolation).
+    Between two points accuracy rises steeply, then flattens, as A - B/epochs does: a straight line in epochs read
+    most of the table's inner points low (bench/RESULTS.md, eighteenth session)."""
     for (e0, a0), (e1, a1) in zip(points, points[1:]):
         if e0 <= epochs <= e1:
-            return a0 + (a1 - a0) * (epochs - e0) / (e1 - e0)
+            return a0 + (a1 - a0) * (1 / e0 - 1 / epochs) / (1 / e0 - 1 / e1)
     if points and epochs == points[0][0] == points[-1][0]:
         return points[0][1]
     return None

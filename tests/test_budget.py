@@ -55,7 +55,10 @@ def test_durations_are_read_with_their_units_and_bare_numbers_are_refused():
 
 
 def test_accuracy_is_interpolated_between_measured_points_and_never_extrapolated():
-    assert budget.expected_accuracy(SMALL.points, 3.5) == pytest.approx(86.0 - 1.5 * 3)
+    # Linear in 1/epochs: 3 epochs is halfway from 2 to 6 (1/2, 1/3, 1/6), and 8 is 3/4 of the way from 5 to 10
+    # (1/5, 1/8, 1/10), above the straight line in epochs (3/5 of the way).
+    assert budget.expected_accuracy(((2, 80.0), (6, 86.0)), 3) == pytest.approx(83.0)
+    assert budget.expected_accuracy(SMALL.points, 8) == pytest.approx(86.0 + 3.0 * 3 / 4)
     assert budget.expected_accuracy(SMALL.points, 10) == 89.0
     assert budget.expected_accuracy(SMALL.points, 0.5) is None and budget.expected_accuracy(SMALL.points, 11) is None
     assert budget.expected_accuracy(((8, 94.01),), 8) == 94.01 and budget.expected_accuracy(((8, 94.01),), 7) is None
@@ -70,7 +73,7 @@ def test_a_table_point_below_an_earlier_one_is_left_out():
     probe = Probe(530, 1500, SAVE, 530)
     choice = budget.choose([candidate], [probe], CIFAR10, 600, tta=2)
     assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 600) == 5
-    assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) / 3)
+    assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) * (1 / 4 - 1 / 5) / (1 / 4 - 1 / 7))
 
 
 def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
