@@ -1470,15 +1470,20 @@ def keep_pace(run, seconds_per_step):
         return
     was, done = run.schedule.end_epoch, run.step / steps_per_epoch
     run.schedule = run.schedule.ending_at(done, end_epoch)
+    # The accuracy forecast moves with the end: a probe that misread the machine's speed (a busy core) printed a
+    # forecast for a run of another length.
+    table_acc = budget.expected_accuracy(forecast["table_points"], round(end_epoch, 3))
     run.history["events"].append({"pace": {"at_epoch": round(done, 3), "end_epoch_was": round(was, 3),
                                            "end_epoch": round(end_epoch, 3),
-                                           "seconds_per_step": round(seconds_per_step, 4)}})
+                                           "seconds_per_step": round(seconds_per_step, 4),
+                                           "table_acc": table_acc and round(table_acc, 2)}})
     longest = ", the table's longest run" if forecast["accuracy_source"] else ""
     why = "behind the forecast" if end_epoch < was else \
         f"ahead of the forecast (it may run up to {forecast['max_epochs']:g} epochs{longest})"
-    print(f"[pace] {why} at {seconds_per_step:.2f} s a step: training now ends at epoch {end_epoch:.2f} instead of "
-          f"{was:.2f}, to finish within the budget of {budget.duration_text(budget_seconds)}; the learning rate "
-          f"decays to zero there", flush=True)
+    accuracy = f" (the table's {table_acc:.2f}% with TTA there)" if table_acc is not None else ""
+    print(f"[pace] {why} at {seconds_per_step:.2f} s a step: training now ends at epoch {end_epoch:.2f}{accuracy} "
+          f"instead of {was:.2f}, to finish within the budget of {budget.duration_text(budget_seconds)}; the learning "
+          f"rate decays to zero there", flush=True)
 
 
 def training_step(model, optimizer, scaler, inputs, labels, autocast_dtype, dist=None, backprop_fraction=1.0):

@@ -396,7 +396,8 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
     """The real trainer on the tiny data, its probe reporting half the real training speed: the epochs chosen would
     finish early, so the pace control must lengthen the run, still within the budget and the (made-up) table."""
-    table = [table_entry(100, [(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)])]
+    points = [(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)]
+    table = [table_entry(100, points)]
     real_probe = train.probe_throughput
 
     def slow_probe(*args, **kwargs):
@@ -414,6 +415,10 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     assert history["plan"]["budget"]["max_epochs"] == 32
     paces = [event["pace"] for event in history["events"] if "pace" in event]
     assert paces and paces[0]["end_epoch"] > paces[0]["end_epoch_was"], result.stdout
+    for pace in paces:  # each move says what the table gives its new length
+        assert pace["table_acc"] == pytest.approx(budget.expected_accuracy(points, pace["end_epoch"]), abs=0.01)
+        assert f"ends at epoch {pace['end_epoch']:.2f} (the table's {pace['table_acc']:.2f}% with TTA there)" \
+            in result.stdout
     outcome = history["final"]["budget"]
     assert history["plan"]["epochs"] < outcome["epochs_trained"] <= 32 and outcome["seconds"] <= 20
     # What the forecast's parts were, and the epochs' measured overhead, to compare them by (bench/RESULTS.md).
@@ -422,7 +427,7 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     assert probe["frozen_stem_train_images_per_s"] >= probe["train_images_per_s"] > 0
     assert 0 < outcome["epoch_overhead_seconds"] < outcome["seconds"]
     assert outcome["table_acc_for_epochs_trained"] == pytest.approx(
-        budget.expected_accuracy([(e, 50.0 + e) for e in (1, 2, 4, 8, 16, 32)], outcome["epochs_trained"]), abs=0.01)
+        budget.expected_accuracy(points, outcome["epochs_trained"]), abs=0.01)
     schedule = torch.load(tmp_path / "last.pth", weights_only=True)["schedule"]
     assert schedule["end_epoch"] == pytest.approx(outcome["epochs_trained"], abs=1e-3)  # trained to the moved end
     rates = [row["lr"] for row in history["epochs"]]
