@@ -58,5 +58,6 @@ def main():
                                                        left_out_errors(points, trainers)):
             print(f"  {label}, {epochs:g} epochs, {accuracy:.2f}%: {linear:+.2f} / {trainer:+.2f}")
 
+
 if __name__ == "__main__":
     main()
