@@ -29,10 +29,6 @@ def along(power):
     return forecast
 
 
-def trainers(neighbours, epochs):
-    return budget.expected_accuracy(neighbours, epochs)
-
-
 def left_out_errors(points, forecast):
     """Forecast minus measured accuracy of each inner point, from its neighbours."""
     return [forecast((before, after), epochs) - accuracy
@@ -47,7 +43,8 @@ def main():
                                  entry["backprop_fraction"]).label
         curves[f"{label} ({entry['device_type']})"] = points
     print("interpolation | points | mean error | mean |error| | largest |error| | forecast above measured")
-    for name, forecast in [(f"epochs**{power:g}", along(power)) for power in POWERS] + [("the trainer's", trainers)]:
+    ways = [(f"epochs**{power:g}", along(power)) for power in POWERS] + [("the trainer's", budget.expected_accuracy)]
+    for name, forecast in ways:
         errors = [e for points in curves.values() for e in left_out_errors(points, forecast)]
         print(f"{name:13} | {len(errors):6d} | {statistics.mean(errors):+10.2f} | "
               f"{statistics.mean(map(abs, errors)):12.2f} | {max(map(abs, errors)):15.2f} | "
@@ -55,7 +52,7 @@ def main():
     print("\nper point, forecast minus measured: a straight line in epochs / the trainer's")
     for label, points in curves.items():
         for (epochs, accuracy), linear, trainer in zip(points[1:], left_out_errors(points, along(1)),
-                                                       left_out_errors(points, trainers)):
+                                                       left_out_errors(points, budget.expected_accuracy)):
             print(f"  {label}, {epochs:g} epochs, {accuracy:.2f}%: {linear:+.2f} / {trainer:+.2f}")
 
 
