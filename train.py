@@ -1192,6 +1192,8 @@ class Run:
     epoch_rng: torch.Tensor | None = None  # the data generator's state at the start of the epoch in progress
     epoch_sums: torch.Tensor | None = None  # summed loss, top-1 and top-5 correct and images of the epoch so far
     epoch_seconds: float = 0.0
+    epoch_first_step_seconds: float = 0.0  # the first step of the epoch's part trained in this process (--budget's
+    # pace leaves it out)
     nonfinite_steps: torch.Tensor | None = None  # NaN/inf losses in a row, counted on the device
     best_val_acc: float | None = None  # the saved model's validation accuracy (None without a validation split)
     best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
@@ -1326,7 +1328,8 @@ def train_loop(run, data):
                "lr": run.optimizer.param_groups[0]["lr"],
                "seconds": run.epoch_seconds, "images_per_s": seen / run.epoch_seconds,
                "peak_memory_gb": max(peaks, default=None), "peak_memory_gb_per_device": peaks,
-               "batch_size": run.batch_size, "steps": run.batch_in_epoch}
+               "batch_size": run.batch_size, "steps": run.batch_in_epoch,
+               "first_step_seconds": run.epoch_first_step_seconds}
         check_epoch_finite(run, epoch + 1, test_loss)
         run.history["epochs"].append(row)
         validation = (f" | val loss {val_loss:.3f} acc {val_acc:.2f}%{top5_text(val_top5)}"
@@ -1385,7 +1388,7 @@ def train_one_epoch(run, epoch, skip=0):
     run.forward_model.train()
     bar = make_progress_bar(steps_per_epoch, skip, epoch, run.epochs_planned)
     examples = backpropagated(run.batch_size, plan["backprop_fraction"], run.dist.world_size)
-    started = time.time()
+    started = first_step_ended = time.time()
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         if run.step >= run.final_step:  # the schedule ends part-way through this epoch
             break
@@ -1393,6 +1396,12 @@ def train_one_epoch(run, epoch, skip=0):
         outputs, loss = training_step(run.forward_model, optimizer, run.scaler, inputs, labels, run.autocast_dtype,
                                       run.dist, plan["backprop_fraction"])
         run.step += 1
+        if b == skip:
+            # The pace leaves this step out: a process's first step also builds the batch shape's kernels and
+            # memory, a one-time cost already spent that no later step repeats.
+            synchronize(run.device)
+            first_step_ended = time.time()
+            run.epoch_first_step_seconds = first_step_ended - started
         # Running sums stay on the device, built from device values only: no per-step wait for the host.
         loss = loss.detach().float()
         top1, top5, _ = correct_counts(outputs.detach().float(), labels)
@@ -1414,9 +1423,11 @@ def train_one_epoch(run, epoch, skip=0):
                     f"{memory_text(peak_memory_gb(run.memory_devices), digits=1)}")
             (bar.write if bar is not None else print)(line)
             if plan["budget"] and not last_step:
-                # Paced over the last epoch's row and this epoch so far: a few steps alone swing by a tenth either way.
+                # Paced over the last epoch's row and this epoch so far, each after its first step: a few steps
+                # alone swing by a tenth either way.
                 seconds_before, steps_before = last_epoch_training(run)
-                keep_pace(run, (seconds_before + time.time() - started) / (steps_before + b + 1 - skip))
+                if steps_before + b > skip:
+                    keep_pace(run, (seconds_before + time.time() - first_step_ended) / (steps_before + b - skip))
         # One process reads its own stop flag every step. torchrun's ranks must agree to stop, which takes a
         # collective and a wait for the GPU, so they vote only at log points.
         if (run.dist.world_size == 1 or at_log_point) and run.dist.any(run.stop.signal is not None, run.device) \
@@ -1430,15 +1441,16 @@ def train_one_epoch(run, epoch, skip=0):
 
 
 def last_epoch_training(run):
-    """Seconds and steps of the last epoch's training, from its row of the history; (0, 0) unless that epoch ended
-    after this process started or last retried an epoch (restore_run sets start_epoch): a resumed run may run on
-    other hardware, and an epoch before an out-of-memory back-off ran at another batch size. The last epoch whose stem
-    bias trained counts as the quicker epochs after it would have run, by the probe's measured ratio."""
+    """Seconds and steps of the last epoch's training after its first step, from its row of the history; (0, 0)
+    unless that epoch ended after this process started or last retried an epoch (restore_run sets start_epoch): a
+    resumed run may run on other hardware, and an epoch before an out-of-memory back-off ran at another batch size.
+    The last epoch whose stem bias trained counts as the quicker epochs after it would have run, by the probe's
+    measured ratio."""
     rows = run.history["epochs"]
     if not rows or rows[-1]["epoch"] <= run.start_epoch:
         return 0.0, 0
     speedup = frozen_stem_speedup(run.plan["budget"]) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
-    return rows[-1]["seconds"] / speedup, rows[-1]["steps"]
+    return (rows[-1]["seconds"] - rows[-1]["first_step_seconds"]) / speedup, rows[-1]["steps"] - 1
 
 
 def frozen_stem_speedup(forecast):

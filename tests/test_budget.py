@@ -376,13 +376,15 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
 
 
 def test_the_pace_pools_only_a_last_epoch_this_process_ended():
-    """The pace is measured over the last epoch's row and the current epoch. A row from before a resume (other
-    hardware, perhaps) or before an out-of-memory retry (another batch size: restore_run sets start_epoch to the
-    retried epoch) is left out; the last row whose stem bias trained counts at the quicker pace the probe measured."""
+    """The pace is measured over the last epoch's row and the current epoch, each after its first step. A row from
+    before a resume (other hardware, perhaps) or before an out-of-memory retry (another batch size: restore_run sets
+    start_epoch to the retried epoch) is left out; the last row whose stem bias trained counts at the quicker pace the
+    probe measured."""
     def run_with(*rows, start_epoch=0):
         return SimpleNamespace(start_epoch=start_epoch, plan={"budget": {"frozen_stem_speedup": 1.25}},
-                               history={"epochs": [
-            {"epoch": epoch, "seconds": seconds, "steps": steps} for epoch, (seconds, steps) in enumerate(rows, 1)]})
+                               history={"epochs": [{"epoch": epoch, "seconds": seconds + 2.0, "steps": steps + 1,
+                                                    "first_step_seconds": 2.0}
+                                                   for epoch, (seconds, steps) in enumerate(rows, 1)]})
 
     assert train.last_epoch_training(run_with()) == (0.0, 0)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100))) == (80.0, 100)
@@ -391,6 +393,45 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     # The last epoch whose stem bias trained (train.STEM_BIAS_EPOCHS = 3), at the pace of the quicker ones after it.
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100))) == (68.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100), (70.0, 100))) == (70.0, 100)
+
+
+def test_the_pace_leaves_out_the_runs_slow_first_step(tiny_data, tmp_path, monkeypatch):
+    """The real trainer on the tiny data, its first training step after the probe slowed by 3 s (as a process's
+    first step builds the batch shape's kernels and memory, ~2.4 s on a Zen 5 at batch 2000). That time is spent,
+    not a pace: neither epoch 1's measurements nor epoch 2's, which pool epoch 1's row, may count it."""
+    first = {"armed": False}
+    paces = []
+    real_step, real_plan_for_budget, real_keep_pace = train.training_step, train.plan_for_budget, train.keep_pace
+
+    def slow_first_step(*args, **kwargs):
+        if first["armed"]:
+            first["armed"] = False
+            time.sleep(3)
+        return real_step(*args, **kwargs)
+
+    def plan_then_arm(*args, **kwargs):
+        plan = real_plan_for_budget(*args, **kwargs)
+        first["armed"] = True
+        return plan
+
+    def spied_keep_pace(run, seconds_per_step):
+        paces.append((run.step, seconds_per_step))
+        real_keep_pace(run, seconds_per_step)
+
+    monkeypatch.setattr(train, "training_step", slow_first_step)
+    monkeypatch.setattr(train, "plan_for_budget", plan_then_arm)
+    monkeypatch.setattr(train, "keep_pace", spied_keep_pace)
+    monkeypatch.setattr(train, "STARTED", time.time())
+    result = run_cli("--budget", "30s", "--model", "SmallCifarNet", "--batch-size", 100, "--precision", "fp32",
+                     "--tta", 0, "--seed", 0, "--data-dir", tiny_data, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = history_of(tmp_path)["epochs"]
+    assert rows[0]["first_step_seconds"] >= 3 and len(rows) >= 3
+    # The steps' real pace: the slowest epoch after the first, its first step left out as the pace leaves it out.
+    step_seconds = max((row["seconds"] - row["first_step_seconds"]) / (row["steps"] - 1) for row in rows[1:])
+    # Counted, the 3 s would read at least 3 s / 3 steps at epoch 1's first measurement, 3 s / 13 at epoch 2's.
+    assert {step for step, _ in paces} >= {3, 6, 9, 13, 16, 19}, paces  # measured 3 times in each of epochs 1 and 2
+    assert all(seconds < 2 * step_seconds + 0.02 for _, seconds in paces), (paces, step_seconds)
 
 
 def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypatch):
