@@ -70,7 +70,7 @@ IMAGE_SIZES = (16, 64)
 # direction of a filter bank moves at the same rate; its step does not depend on the batch size.
 # Biases and the head: Nesterov SGD with rates per example (the step is the rate times the batch).
 # Every rate falls linearly from its peak to zero; no warm-up is needed.
-BATCH_SIZE = 2000  # global, on every tier; on the 2-core CPU images/s is the same from 512 to 2000 (measured)
+BATCH_SIZE = 2000  # global, on every tier; on a 2-core CPU smaller batches train no more images a second (measured)
 MUON_LR = 0.24  # --lr sets this; the SGD rates scale with it
 MUON_MOMENTUM = 0.6
 SGD_MOMENTUM = 0.85
@@ -542,8 +542,8 @@ def print_plan(plan):
 PROBE_SHARE = 0.05  # of the budget, at most, spent probing
 PROBE_STEPS = 5  # timed training steps per candidate and stem state, each after a warm-up step (it allocates memory,
 # picks kernels)
-PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU: images/s is the same from 512 to 2000 there
-# (measured), and a step of 2000 takes seconds
+PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU, where a step of 2000 takes seconds. Its images/s
+# are those of 2000 on some CPUs and below them on others (measured); the pace control makes that up in epoch 1
 FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (measured under it on a fast CPU; see RESULTS)
 SHORTEST_RUN_OVERESTIMATE = 1.25  # the most a CPU probe's foretelling of another network's training steps may read
@@ -1192,8 +1192,6 @@ class Run:
     epoch_rng: torch.Tensor | None = None  # the data generator's state at the start of the epoch in progress
     epoch_sums: torch.Tensor | None = None  # summed loss, top-1 and top-5 correct and images of the epoch so far
     epoch_seconds: float = 0.0
-    epoch_first_step_seconds: float = 0.0  # the first step of the epoch's part trained in this process (--budget's
-    # pace leaves it out)
     nonfinite_steps: torch.Tensor | None = None  # NaN/inf losses in a row, counted on the device
     best_val_acc: float | None = None  # the saved model's validation accuracy (None without a validation split)
     best_epoch: int | None = None  # the saved model's epoch: best on validation, or the last
@@ -1201,6 +1199,10 @@ class Run:
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
     epoch_overhead_seconds: float | None = None  # mean evaluation and saving after an epoch, since this process started
     # or last retried an epoch (--budget)
+    epoch_first_step_seconds: float = 0.0  # the first step of the epoch's part trained in this process (--budget's
+    # pace leaves it out)
+    began_mid_epoch: bool = False  # this process resumed part-way through an epoch, whose row then holds an earlier
+    # process's seconds too (--budget's pace leaves that row out)
     curves_drawn_at: float = 0.0  # when training_curves.png was last drawn (time.time()); 0: never, so epoch 1 draws
     curves_epochs: int = 0  # the epochs it showed then
 
@@ -1388,7 +1390,7 @@ def train_one_epoch(run, epoch, skip=0):
     run.forward_model.train()
     bar = make_progress_bar(steps_per_epoch, skip, epoch, run.epochs_planned)
     examples = backpropagated(run.batch_size, plan["backprop_fraction"], run.dist.world_size)
-    started = first_step_ended = time.time()
+    started = time.time()
     for b, (inputs, labels) in enumerate(batches.epoch(epoch, skip), start=skip):
         if run.step >= run.final_step:  # the schedule ends part-way through this epoch
             break
@@ -1442,12 +1444,13 @@ def train_one_epoch(run, epoch, skip=0):
 
 def last_epoch_training(run):
     """Seconds and steps of the last epoch's training after its first step, from its row of the history; (0, 0)
-    unless that epoch ended after this process started or last retried an epoch (restore_run sets start_epoch): a
-    resumed run may run on other hardware, and an epoch before an out-of-memory back-off ran at another batch size.
+    unless this process trained that epoch whole, after it started or last retried an epoch (restore_run sets
+    start_epoch and began_mid_epoch): a resumed run may run on other hardware, and an epoch before an out-of-memory
+    back-off ran at another batch size.
     The last epoch whose stem bias trained counts as the quicker epochs after it would have run, by the probe's
     measured ratio."""
     rows = run.history["epochs"]
-    if not rows or rows[-1]["epoch"] <= run.start_epoch:
+    if not rows or rows[-1]["epoch"] <= run.start_epoch + run.began_mid_epoch:
         return 0.0, 0
     speedup = frozen_stem_speedup(run.plan["budget"]) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
     return (rows[-1]["seconds"] - rows[-1]["first_step_seconds"]) / speedup, rows[-1]["steps"] - 1
@@ -2418,6 +2421,7 @@ def restore_run(run, state):
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     run.step, run.start_epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.began_mid_epoch = run.batch_in_epoch > 0
     run.best_val_acc, run.best_epoch, run.best_state = state["best_val_acc"], state["best_epoch"], state["best_state"]
     if state["batch_size"] != run.batch_size:  # backed off after running out of memory
         run.batch_size = state["batch_size"]

@@ -377,11 +377,12 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
 
 def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     """The pace is measured over the last epoch's row and the current epoch, each after its first step. A row from
-    before a resume (other hardware, perhaps) or before an out-of-memory retry (another batch size: restore_run sets
-    start_epoch to the retried epoch) is left out; the last row whose stem bias trained counts at the quicker pace the
-    probe measured."""
-    def run_with(*rows, start_epoch=0):
-        return SimpleNamespace(start_epoch=start_epoch, plan={"budget": {"frozen_stem_speedup": 1.25}},
+    before a resume (other hardware, perhaps), of an epoch resumed part-way (its seconds are two processes'), or from
+    before an out-of-memory retry (another batch size: restore_run sets start_epoch to the retried epoch) is left
+    out; the last row whose stem bias trained counts at the quicker pace the probe measured."""
+    def run_with(*rows, start_epoch=0, began_mid_epoch=False):
+        return SimpleNamespace(start_epoch=start_epoch, began_mid_epoch=began_mid_epoch,
+                               plan={"budget": {"frozen_stem_speedup": 1.25}},
                                history={"epochs": [{"epoch": epoch, "seconds": seconds + 2.0, "steps": steps + 1,
                                                     "first_step_seconds": 2.0}
                                                    for epoch, (seconds, steps) in enumerate(rows, 1)]})
@@ -390,6 +391,11 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100))) == (80.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=1)) == (80.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), start_epoch=2)) == (0.0, 0)
+    # Resumed part-way through epoch 4: its row holds the earlier process's seconds too; epoch 5's does not.
+    resumed = [(90.0, 100), (80.0, 100), (85.0, 100), (75.0, 100)]
+    assert train.last_epoch_training(run_with(*resumed, start_epoch=3, began_mid_epoch=True)) == (0.0, 0)
+    assert train.last_epoch_training(run_with(*resumed, (70.0, 100), start_epoch=3, began_mid_epoch=True)) \
+        == (70.0, 100)
     # The last epoch whose stem bias trained (train.STEM_BIAS_EPOCHS = 3), at the pace of the quicker ones after it.
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100))) == (68.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100), (70.0, 100))) == (70.0, 100)
@@ -397,8 +403,8 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
 
 def test_the_pace_leaves_out_the_runs_slow_first_step(tiny_data, tmp_path, monkeypatch):
     """The real trainer on the tiny data, its first training step after the probe slowed by 3 s (as a process's
-    first step builds the batch shape's kernels and memory, ~2.4 s on a Zen 5 at batch 2000). That time is spent,
-    not a pace: neither epoch 1's measurements nor epoch 2's, which pool epoch 1's row, may count it."""
+    first step builds the batch shape's kernels and memory). That time is spent, not a pace: neither epoch 1's
+    measurements nor epoch 2's, which pool epoch 1's row, may count it."""
     first = {"armed": False}
     paces = []
     real_step, real_plan_for_budget, real_keep_pace = train.training_step, train.plan_for_budget, train.keep_pace
@@ -427,8 +433,9 @@ def test_the_pace_leaves_out_the_runs_slow_first_step(tiny_data, tmp_path, monke
     assert result.returncode == 0, result.stderr
     rows = history_of(tmp_path)["epochs"]
     assert rows[0]["first_step_seconds"] >= 3 and len(rows) >= 3
-    # The steps' real pace: the slowest epoch after the first, its first step left out as the pace leaves it out.
-    step_seconds = max((row["seconds"] - row["first_step_seconds"]) / (row["steps"] - 1) for row in rows[1:])
+    # The steps' real pace: the slowest whole epoch after the first, its first step left out as the pace leaves it out.
+    step_seconds = max((row["seconds"] - row["first_step_seconds"]) / (row["steps"] - 1)
+                       for row in rows[1:] if row["steps"] == rows[0]["steps"])
     # Counted, the 3 s would read at least 3 s / 3 steps at epoch 1's first measurement, 3 s / 13 at epoch 2's.
     assert {step for step, _ in paces} >= {3, 6, 9, 13, 16, 19}, paces  # measured 3 times in each of epochs 1 and 2
     assert all(seconds < 2 * step_seconds + 0.02 for _, seconds in paces), (paces, step_seconds)
