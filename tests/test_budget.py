@@ -2,6 +2,7 @@
 on one that runs faster than its probe said, and a budgeted run interrupted and resumed."""
 import dataclasses
 import json
+import math
 import signal
 import time
 from types import SimpleNamespace
@@ -323,24 +324,30 @@ def args_with(args, **changes):
     return SimpleNamespace(**dict(vars(args), **changes))
 
 
-def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny_data, tmp_path, monkeypatch):
-    """The real trainer, in this process, on the tiny data: every step after the probe is slowed, so the pace the
-    forecast assumed is not kept and the pace control must end the schedule sooner to finish within the budget."""
-    slow = {"on": False}
+def slow_down_training_steps(monkeypatch, seconds, steps=math.inf):
+    """Each of the first `steps` training steps after --budget's choice (not the probe's) takes `seconds` longer."""
+    slowed = {"left": 0}
     real_step, real_plan_for_budget = train.training_step, train.plan_for_budget
 
     def slowed_step(*args, **kwargs):
-        if slow["on"]:
-            time.sleep(0.5)
+        if slowed["left"]:
+            slowed["left"] -= 1
+            time.sleep(seconds)
         return real_step(*args, **kwargs)
 
     def plan_then_slow_down(*args, **kwargs):
         plan = real_plan_for_budget(*args, **kwargs)
-        slow["on"] = True
+        slowed["left"] = steps
         return plan
 
     monkeypatch.setattr(train, "training_step", slowed_step)
     monkeypatch.setattr(train, "plan_for_budget", plan_then_slow_down)
+
+
+def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny_data, tmp_path, monkeypatch):
+    """The real trainer, in this process, on the tiny data: every step after the probe is slowed, so the pace the
+    forecast assumed is not kept and the pace control must end the schedule sooner to finish within the budget."""
+    slow_down_training_steps(monkeypatch, 0.5)
     monkeypatch.setattr(train, "STARTED", time.time())  # this process started long ago; the run starts now
     result = run_cli("--budget", "22s", "--model", "SmallCifarNet", "--batch-size", 100, "--tta", 0, "--seed", 0,
                      "--data-dir", tiny_data, "--out-dir", tmp_path)
@@ -405,27 +412,14 @@ def test_the_pace_leaves_out_the_runs_slow_first_step(tiny_data, tmp_path, monke
     """The real trainer on the tiny data, its first training step after the probe slowed by 3 s (as a process's
     first step builds the batch shape's kernels and memory). That time is spent, not a pace: neither epoch 1's
     measurements nor epoch 2's, which pool epoch 1's row, may count it."""
-    first = {"armed": False}
     paces = []
-    real_step, real_plan_for_budget, real_keep_pace = train.training_step, train.plan_for_budget, train.keep_pace
-
-    def slow_first_step(*args, **kwargs):
-        if first["armed"]:
-            first["armed"] = False
-            time.sleep(3)
-        return real_step(*args, **kwargs)
-
-    def plan_then_arm(*args, **kwargs):
-        plan = real_plan_for_budget(*args, **kwargs)
-        first["armed"] = True
-        return plan
+    real_keep_pace = train.keep_pace
 
     def spied_keep_pace(run, seconds_per_step):
         paces.append((run.step, seconds_per_step))
         real_keep_pace(run, seconds_per_step)
 
-    monkeypatch.setattr(train, "training_step", slow_first_step)
-    monkeypatch.setattr(train, "plan_for_budget", plan_then_arm)
+    slow_down_training_steps(monkeypatch, 3, steps=1)
     monkeypatch.setattr(train, "keep_pace", spied_keep_pace)
     monkeypatch.setattr(train, "STARTED", time.time())
     result = run_cli("--budget", "30s", "--model", "SmallCifarNet", "--batch-size", 100, "--precision", "fp32",
