@@ -14,6 +14,7 @@ import bisect
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def table_candidates(table, device_type, precision, model=None, width_mult=None)
             continue
         if width_mult is not None and entry["model_kwargs"].get("width_mult") != width_mult:
             continue
-        points = rising(sorted((p["epochs"], p["test_acc_tta"]) for p in entry["points"]))
+        points = entry_points(entry)
         source = entry["source"] if entry["source"] != "measured" else \
             f"bench/accuracy_table.json, measured here on {entry['points'][0]['data']}"
         found.append(Candidate(entry["model"], dict(entry["model_kwargs"]), entry["precision"], entry["batch_size"],
@@ -130,9 +131,18 @@ def table_candidates(table, device_type, precision, model=None, width_mult=None)
     return found
 
 
+def entry_points(entry):
+    """A table entry's ((epochs, accuracy with TTA), ...) for the forecast: the mean of the seeds run for each epoch
+    count (one seed's accuracy varies by a few tenths of a point from another's, bench/RESULTS.md), then rising."""
+    by_epochs = {}
+    for point in entry["points"]:
+        by_epochs.setdefault(point["epochs"], []).append(point["test_acc_tta"])
+    return rising(sorted((epochs, statistics.fmean(accuracies)) for epochs, accuracies in by_epochs.items()))
+
+
 def rising(points):
-    """The points, less any whose accuracy is not above every point at fewer epochs. One seed per point: such a point
-    is seed noise (measured: 86.62% after 4 epochs, 86.55% after 5), and kept, it would make the chooser stop at
+    """The points, less any whose accuracy is not above every point at fewer epochs. Such a point is seed noise
+    (measured: 86.62% after 4 epochs, 86.55% after 5, one seed each), and kept, it would make the chooser stop at
     the earlier point with time to spare; left out, accuracy is interpolated between its neighbours. A last point
     left out also lowers the longest run the chooser and the pace control may go to."""
     kept = []

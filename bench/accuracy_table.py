@@ -4,11 +4,12 @@
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 4 8
     python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --batch-size 1000 --backprop-fraction 0.5 \
         --epochs 3 6 8
+    python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 10 --seeds 1 2
 
-Each point is one real `python train.py --seed 0 --epochs E` run on the full CIFAR-10 in --data-dir (on this
-project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration
-and epochs is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
-points and never extrapolates past them. A configuration is its network, precision, batch, backprop fraction and
+Each point is one real `python train.py --seed S --epochs E` run on the full CIFAR-10 in --data-dir (on this
+project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration,
+epochs and seed is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
+points (the mean of the seeds run for an epoch count) and never extrapolates past them. A configuration is its network, precision, batch, backprop fraction and
 device type (cpu or cuda). CPU runs are deterministic, so the accuracy does not depend on
 what else ran; the times are recorded for the reader only (the trainer measures its own speed). Never part of the
 test suite.
@@ -27,7 +28,8 @@ TABLE = Path(__file__).resolve().parent / "accuracy_table.json"
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, nargs="+", required=True, help="one run per epoch count")
+    p.add_argument("--epochs", type=int, nargs="+", required=True, help="one run per epoch count and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.py --seed of each run (default: 0)")
     p.add_argument("--model", required=True, help="passed to train.py --model")
     p.add_argument("--width-mult", type=float, default=None, help="passed to train.py --width-mult")
     p.add_argument("--precision", required=True, help="passed to train.py --precision")
@@ -56,21 +58,21 @@ def entry_for(table, plan, precision):
 
 def main():
     args = parse_args()
-    for epochs in args.epochs:
+    for epochs, seed in [(epochs, seed) for epochs in args.epochs for seed in args.seeds]:
         args.epochs = epochs  # trainer_flags reads it
-        result = one_run(trainer_flags(args), seed=0, nproc=1)
+        result = one_run(trainer_flags(args), seed=seed, nproc=1)
         plan = result["plan"]
         table = json.loads(TABLE.read_text())  # read after the run: it may have been edited meanwhile
         point = {"epochs": epochs, "test_acc": result["test_acc"], "test_acc_tta": result["test_acc_tta"],
                  "data": args.data_label, "device": device_name(plan), "date": time.strftime("%Y-%m-%d"),
                  "wall_s": round(result["wall_s"], 1), "train_s": round(result["train_s"], 1),
-                 "images_per_s": round(result["images_per_s"]), "seed": 0}
+                 "images_per_s": round(result["images_per_s"]), "seed": seed}
         entry = entry_for(table, plan, plan["precision"])
-        entry["points"] = sorted([p for p in entry["points"] if p["epochs"] != epochs] + [point],
-                                 key=lambda p: p["epochs"])
+        entry["points"] = sorted([p for p in entry["points"] if (p["epochs"], p["seed"]) != (epochs, seed)] + [point],
+                                 key=lambda p: (p["epochs"], p["seed"]))
         TABLE.write_text(json.dumps(table, indent=1) + "\n")
         print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, batch {plan['batch_size']}, backprop "
-              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs: test {point['test_acc']:.2f}% (TTA "
+              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs, seed {seed}: test {point['test_acc']:.2f}% (TTA "
               f"{point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s", flush=True)
 
 

@@ -38,7 +38,7 @@ def left_out_errors(points, forecast):
 def main():
     curves = {}
     for entry in budget.load_table():
-        points = budget.rising(sorted((p["epochs"], p["test_acc_tta"]) for p in entry["points"]))
+        points = budget.entry_points(entry)
         label = budget.Candidate(entry["model"], entry["model_kwargs"], entry["precision"], entry["batch_size"],
                                  entry["backprop_fraction"]).label
         curves[f"{label} ({entry['device_type']})"] = points
