@@ -9,10 +9,10 @@
 Each point is one real `python train.py --seed S --epochs E` run on the full CIFAR-10 in --data-dir (on this
 project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration,
 epochs and seed is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
-points (the mean of the seeds run for an epoch count) and never extrapolates past them. A configuration is its network, precision, batch, backprop fraction and
-device type (cpu or cuda). CPU runs are deterministic, so the accuracy does not depend on
-what else ran; the times are recorded for the reader only (the trainer measures its own speed). Never part of the
-test suite.
+points (the mean of the seeds run for an epoch count) and never extrapolates past them. A configuration is its
+network, precision, batch, backprop fraction and device type (cpu or cuda). CPU runs are deterministic, so the
+accuracy does not depend on what else ran; the times are recorded for the reader only (the trainer measures its
+own speed). Never part of the test suite.
 """
 import argparse
 import json
@@ -68,12 +68,13 @@ def main():
                  "wall_s": round(result["wall_s"], 1), "train_s": round(result["train_s"], 1),
                  "images_per_s": round(result["images_per_s"]), "seed": seed}
         entry = entry_for(table, plan, plan["precision"])
-        entry["points"] = sorted([p for p in entry["points"] if (p["epochs"], p["seed"]) != (epochs, seed)] + [point],
-                                 key=lambda p: (p["epochs"], p["seed"]))
+        kept = [p for p in entry["points"] if (p["epochs"], p["seed"]) != (epochs, seed)]
+        entry["points"] = sorted(kept + [point], key=lambda p: (p["epochs"], p["seed"]))
         TABLE.write_text(json.dumps(table, indent=1) + "\n")
         print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, batch {plan['batch_size']}, backprop "
-              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs, seed {seed}: test {point['test_acc']:.2f}% (TTA "
-              f"{point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s", flush=True)
+              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs, seed {seed}: test {point['test_acc']:.2f}% "
+              f"(TTA {point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s",
+              flush=True)
 
 
 if __name__ == "__main__":
