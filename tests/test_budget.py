@@ -13,10 +13,11 @@ import torch
 import budget
 import train
 from budget import Candidate, Probe, Workload
-from conftest import ROOT, history_of, run_cli, run_trainer, start_trainer, wait_for_line
+from conftest import ROOT, history_of, load_test_split, run_cli, run_trainer, start_trainer, wait_for_line
 
-CIFAR10 = Workload(train_images=50_000, eval_images=10_000, final_eval_images=10_000, spent_seconds=10.0,
-                   curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0, stem_bias_epochs=3)
+CIFAR10 = Workload(train_images=50_000, eval_images=0, final_eval_images=10_000, final_plain_images=10_000,
+                   spent_seconds=10.0, curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0,
+                   stem_bias_epochs=3)
 SAVE = 1.5  # seconds a made-up probe takes to write an epoch's checkpoints
 PROBE_DATA = SimpleNamespace(class_names=[str(c) for c in range(10)], train_images=torch.zeros(5000, 3, 32, 32))
 SMALL = Candidate("SmallCifarNet", {}, "fp32", 2000, points=((1, 70.0), (2, 77.0), (5, 86.0), (10, 89.0)),
@@ -72,8 +73,8 @@ def test_a_table_point_below_an_earlier_one_is_left_out():
     candidate, = budget.table_candidates(table, "cpu", "fp32")
     assert candidate.points == ((3, 85.38), (4, 86.62), (7, 88.11))
     probe = Probe(530, 1500, SAVE, 530)
-    choice = budget.choose([candidate], [probe], CIFAR10, 600, tta=2)
-    assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 600) == 5
+    choice = budget.choose([candidate], [probe], CIFAR10, 570, tta=2)
+    assert choice.best.epochs == latest_fitting_epochs(candidate, probe, CIFAR10, 570) == 5
     assert choice.best.accuracy == pytest.approx(86.62 + (88.11 - 86.62) * (1 / 4 - 1 / 5) / (1 / 4 - 1 / 7))
 
 
@@ -510,3 +511,10 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     outcome = history["final"]["budget"]
     assert outcome["seconds"] > state["seconds_spent"] and outcome["forecast_seconds"] <= 18
     assert json.loads((tmp_path / "report.json").read_text())["test"]["accuracy"] == outcome["test_acc_tta"]
+    # The test set is evaluated at the end only, its plain figures filed with the saved (last) epoch.
+    rows = history["epochs"]
+    assert len(rows) >= 2 and all(row["test_acc"] is None for row in rows[:-1])
+    model, checkpoint = train.load_trained_model(tmp_path / "best_model.pth")
+    plain_acc = train.evaluate(model, *load_test_split(tiny_data), tta=0)[1]
+    assert plain_acc == pytest.approx(checkpoint["test_acc"]) and checkpoint["epoch"] == rows[-1]["epoch"]
+    assert history["final"]["test_acc"] == rows[-1]["test_acc"] == checkpoint["test_acc"]
