@@ -557,9 +557,12 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     budget_seconds = plan["budget"]["seconds"]
     probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir)
     validation_images = len(data.val_images) if has_validation(data) else 0
+    # The probe's evaluation rate is every rank's together; the final evaluations run on rank 0 alone (finish_run).
+    alone = dist.world_size
     workload = budget.Workload(
         train_images=len(data.train_images), eval_images=validation_images,
-        final_eval_images=len(data.test_images) + validation_images, final_plain_images=len(data.test_images),
+        final_eval_images=(len(data.test_images) + validation_images) * alone,
+        final_plain_images=len(data.test_images) * alone,
         spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
         curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
         stem_bias_epochs=STEM_BIAS_EPOCHS)
@@ -1321,7 +1324,7 @@ def train_loop(run, data):
         val_loss, val_acc, val_top5 = evaluate(run.model, data.val_images, data.val_labels, run.normalization, 0,
                                                run.autocast_dtype, run.dist) if has_validation(data) else (None,) * 3
         # The test set is evaluated for the record only: nothing is chosen on it. Under --budget that record would
-        # take time from training (6-7% of a budgeted run, bench/RESULTS.md), so there it is made once, at the end.
+        # take time from training (bench/RESULTS.md, twenty-first session), so there it is made once, at the end.
         test_loss, test_acc, test_top5 = (None,) * 3 if run.plan["budget"] else evaluate(
             run.model, data.test_images, data.test_labels, run.normalization, 0, run.autocast_dtype, run.dist)
         peaks = peak_memory_gb(run.memory_devices)
@@ -1334,7 +1337,7 @@ def train_loop(run, data):
                "peak_memory_gb": max(peaks, default=None), "peak_memory_gb_per_device": peaks,
                "batch_size": run.batch_size, "steps": run.batch_in_epoch,
                "first_step_seconds": run.epoch_first_step_seconds}
-        check_epoch_finite(run, epoch + 1, test_loss)
+        check_epoch_finite(run, epoch + 1, test_loss if test_loss is not None else val_loss)
         run.history["epochs"].append(row)
         validation = (f" | val loss {val_loss:.3f} acc {val_acc:.2f}%{top5_text(val_top5)}"
                       if val_acc is not None else "")
@@ -1579,14 +1582,15 @@ def check_finite(run):
                                                      f"row at step {run.step}"))
 
 
-def check_epoch_finite(run, epoch, test_loss):
-    """At each epoch's end, before anything is saved: weights and test loss (where evaluated) must be finite. This
-    catches a divergence in an epoch's last steps, which the streak of check_finite is too short to see."""
+def check_epoch_finite(run, epoch, eval_loss):
+    """At each epoch's end, before anything is saved: weights and the loss evaluated after the epoch (test, or
+    validation under --budget; None: none was) must be finite. This catches a divergence in an epoch's last steps,
+    which the streak of check_finite is too short to see."""
     weights = [t for t in run.model.state_dict().values() if t.is_floating_point()]
     if not bool(torch.stack([t.isfinite().all() for t in weights]).all()):
         raise TrainingFailed(divergence_message(run, f"Epoch {epoch} ended with NaN or infinite weights"))
-    if test_loss is not None and not math.isfinite(test_loss):
-        raise TrainingFailed(divergence_message(run, f"Epoch {epoch} ended with a NaN or infinite test loss"))
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise TrainingFailed(divergence_message(run, f"Epoch {epoch} ended with a NaN or infinite evaluation loss"))
 
 
 def divergence_message(run, what):
@@ -2857,7 +2861,7 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
         completed, run.stop.signal = False, interrupted.signum
         if dist.is_main:
             print(f"\n[stop] {signal.Signals(interrupted.signum).name} during the final evaluation: training is "
-                  f"complete and saved in {out_dir}; best_model.pth lacks only its test-time-augmented accuracy.",
+                  f"complete and saved in {out_dir}; best_model.pth lacks only its final test accuracy.",
                   file=sys.stderr)
     if not completed:
         draw_stale_curves(run)
