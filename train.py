@@ -557,12 +557,13 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     budget_seconds = plan["budget"]["seconds"]
     probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir)
     validation_images = len(data.val_images) if has_validation(data) else 0
-    # The probe's evaluation rate is every rank's together; the final evaluations run on rank 0 alone (finish_run).
-    alone = dist.world_size
+    # The probe's evaluation rate is every rank's together; the final evaluations run on rank 0 alone (finish_run),
+    # so each of their images counts as many times as there are ranks.
+    ranks = dist.world_size
     workload = budget.Workload(
         train_images=len(data.train_images), eval_images=validation_images,
-        final_eval_images=(len(data.test_images) + validation_images) * alone,
-        final_plain_images=len(data.test_images) * alone,
+        final_eval_images=(len(data.test_images) + validation_images) * ranks,
+        final_plain_images=len(data.test_images) * ranks,
         spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
         curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
         stem_bias_epochs=STEM_BIAS_EPOCHS)
@@ -2142,7 +2143,7 @@ def plot_curves(history, path):
     curves = [("train", "train", "tab:blue"), ("val", "validation", "tab:green"), ("test", "test (reported only)",
                                                                                  "tab:orange")]
     for key, label, colour in curves:
-        shown = [r for r in rows if r[f"{key}_acc"] is not None]  # a budgeted run's test set: its last epoch only
+        shown = [r for r in rows if r[f"{key}_acc"] is not None]  # a budgeted run's test set: its saved epoch only
         if not shown:
             continue
         at = [r["epoch"] for r in shown]
