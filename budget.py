@@ -78,7 +78,6 @@ class Workload:
     train_images: int  # per epoch (the ragged last batch is dropped, as training does)
     eval_images: int  # evaluated after every epoch: the validation split, if any (the test set waits for the end)
     final_eval_images: int  # evaluated once at the end, each image seen tta_passes times: test, and validation if any
-    final_plain_images: int  # evaluated once more at the end without test-time augmentation: the test set
     spent_seconds: float  # since the process started, up to the choice (start-up, data, probe)
     curves_seconds: float  # drawing the training curves, which the trainer does once in curves_every_seconds at most
     curves_every_seconds: float
@@ -178,10 +177,9 @@ def epoch_overhead_seconds(probe, workload):
 
 
 def final_seconds(probe, workload, tta):
-    """After the last epoch: the evaluations with and without test-time augmentation, the report and the last
-    saves."""
-    evaluated = tta_passes(tta) * workload.final_eval_images + workload.final_plain_images
-    return evaluated / probe.eval_images_per_s + workload.report_seconds
+    """After the last epoch: the evaluation with test-time augmentation (its first view gives the plain figures),
+    the report and the last saves."""
+    return tta_passes(tta) * workload.final_eval_images / probe.eval_images_per_s + workload.report_seconds
 
 
 def training_seconds(probe, workload, epochs):

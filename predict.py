@@ -76,7 +76,8 @@ def find_images(paths):
 def batch_probabilities(model, images_uint8, normalization):
     """Softmax over the classes for one batch of uint8 NCHW images on the model's device, prepared as in training
     (train.class_probabilities does a whole split, in batches, backing off when out of memory)."""
-    return train.predict_batch(model, images_uint8, normalization, tta=0, autocast_dtype=None).softmax(1)
+    _, logits = train.predict_batch(model, images_uint8, normalization, tta=0, autocast_dtype=None)
+    return logits.softmax(1)
 
 
 def classify(model, checkpoint, device, paths, top_k, batch_size):

@@ -563,7 +563,6 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     workload = budget.Workload(
         train_images=len(data.train_images), eval_images=validation_images,
         final_eval_images=(len(data.test_images) + validation_images) * ranks,
-        final_plain_images=len(data.test_images) * ranks,
         spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
         curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
         stem_bias_epochs=STEM_BIAS_EPOCHS)
@@ -1738,21 +1737,24 @@ def halving_batch_on_oom(compute, device):
 
 @torch.no_grad()
 def class_probabilities(model, images, normalization, tta, autocast_dtype, batch_size):
-    """Softmax probabilities of every image (float32, CPU), or None if the device ran out of memory."""
+    """(plain logits, softmax probabilities with test-time augmentation) of every image (float32, CPU), or None if
+    the device ran out of memory."""
     model.eval()
     try:
-        return torch.cat([predict_batch(model, images[start:start + batch_size], normalization, tta,
-                                        autocast_dtype).softmax(1).cpu()
-                          for start in range(0, len(images), batch_size)])
+        batches = [predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
+                   for start in range(0, len(images), batch_size)]
     except torch.OutOfMemoryError:
         return None
+    return (torch.cat([plain.cpu() for plain, _ in batches]),
+            torch.cat([logits.softmax(1).cpu() for _, logits in batches]))
 
 
 def predict_batch(model, images_uint8, normalization, tta, autocast_dtype):
-    """float32 logits of a batch of uint8 images: normalised, channels_last, under the run's autocast."""
+    """float32 (plain, augmented) logits of a batch of uint8 images (predict): normalised, channels_last, under the
+    run's autocast."""
     inputs = normalize(images_uint8, normalization).contiguous(memory_format=torch.channels_last)
     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return predict(model, inputs, tta).float()
+        return tuple(logits.float() for logits in predict(model, inputs, tta))
 
 
 @torch.no_grad()
@@ -1762,7 +1764,7 @@ def evaluation_sums(model, images, labels, normalization, tta, autocast_dtype, b
     sums = torch.zeros(4, device=images.device, dtype=torch.float64)
     try:
         for start in range(0, len(images), batch_size):
-            logits = predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
+            _, logits = predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
             targets = labels[start:start + batch_size]
             sums[0] += F.cross_entropy(logits, targets, reduction="sum")
             sums[1:] += torch.stack(correct_counts(logits, targets))
@@ -1786,16 +1788,18 @@ def correct_counts(logits, labels):
 
 @torch.no_grad()
 def predict(model, inputs, tta):
-    """Logits, with test-time augmentation: tta=1 adds the mirror image, tta=2 also 1-pixel shifts."""
-    logits = model(inputs)
+    """(logits of the images alone, logits with test-time augmentation: tta=1 adds the mirror image, tta=2 also
+    1-pixel shifts). The first is the augmented pass's own first view, so the plain figures cost nothing beside it."""
+    plain = logits = model(inputs)
     if tta >= 1:
         logits = 0.5 * logits + 0.5 * model(inputs.flip(-1))
     if tta >= 2:
         padded = F.pad(inputs, (1, 1, 1, 1), mode="reflect")
         shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]  # up-left and down-right
-        shifted_logits = sum(predict(model, s.contiguous(memory_format=torch.channels_last), 1) for s in shifted) / 2
+        shifted_logits = sum(predict(model, s.contiguous(memory_format=torch.channels_last), 1)[1]
+                             for s in shifted) / 2
         logits = 0.5 * logits + 0.5 * shifted_logits
-    return logits
+    return plain, logits
 
 
 def finish_run(run, data, tta):
@@ -1808,10 +1812,10 @@ def finish_run(run, data, tta):
     epochs = run.history["epochs"]
     best_row = next(r for r in epochs if r["epoch"] == run.best_epoch)
     t0 = time.time()
+    reports, test_probabilities, test_plain = evaluation_reports(run.model, data, run.normalization, tta,
+                                                                 run.autocast_dtype)
     if best_row["test_acc"] is None:  # a budgeted run leaves the test set to the end (train_loop)
-        best_row["test_loss"], best_row["test_acc"], best_row["test_top5"] = evaluate(
-            run.model, data.test_images, data.test_labels, run.normalization, 0, run.autocast_dtype)
-    reports, test_probabilities = evaluation_reports(run.model, data, run.normalization, tta, run.autocast_dtype)
+        best_row["test_loss"], best_row["test_acc"], best_row["test_top5"] = test_plain
     test = reports["test"]
     print(f"[eval] test accuracy {best_row['test_acc']:.2f}% plain, {test['accuracy']:.2f}% with TTA"
           f"{top5_text(test['top5'])} ({time.time() - t0:.1f}s)")
@@ -1858,14 +1862,15 @@ def budget_outcome(run, test_acc_tta):
 
 
 def evaluation_reports(model, data, normalization, tta, autocast_dtype):
-    """The report (report.metrics) of each split the model is judged on, test and (if any) validation, and the
-    test images' class probabilities."""
-    reports, test_probabilities = {}, None
+    """The report (report.metrics) of each split the model is judged on, test and (if any) validation, the
+    test images' class probabilities, and the test set's plain loss, accuracy and top-5 accuracy (as evaluate
+    gives them), read from the same pass."""
+    reports = {}
     splits = [("test", data.test_images, data.test_labels)]
     if has_validation(data):
         splits.append(("validation", data.val_images, data.val_labels))
     for split, images, labels in splits:
-        probabilities = halving_batch_on_oom(lambda batch_size: class_probabilities(
+        plain, probabilities = halving_batch_on_oom(lambda batch_size: class_probabilities(
             model, images, normalization, tta, autocast_dtype, batch_size), images.device)
         labels = labels.cpu()
         _, top5_correct, top5_reported = correct_counts(probabilities, labels)
@@ -1874,7 +1879,10 @@ def evaluation_reports(model, data, normalization, tta, autocast_dtype):
                                         100 * top5_correct.item() / len(labels) if top5_reported else None)
         if split == "test":
             test_probabilities = probabilities
-    return reports, test_probabilities
+            plain_top1, plain_top5, _ = correct_counts(plain, labels)
+            test_plain = (F.cross_entropy(plain, labels).item(), 100 * plain_top1.item() / len(labels),
+                          100 * plain_top5.item() / len(labels) if top5_reported else None)
+    return reports, test_probabilities, test_plain
 
 
 def print_reports(reports):
@@ -2803,7 +2811,7 @@ def evaluate_saved_model(args, hw):
                             f"data it was trained on.")
         stage(7, f"Evaluating {path} (epoch {saved['epoch']}) with test-time augmentation level {args.tta}")
         model = model.to(device, memory_format=torch.channels_last)
-        reports, test_probabilities = evaluation_reports(model, data, normalization_of(saved), args.tta, None)
+        reports, test_probabilities, _ = evaluation_reports(model, data, normalization_of(saved), args.tta, None)
         print_reports(reports)
         save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=args.tta))
     finally:

@@ -71,7 +71,7 @@ def combine(logits, shifts):
 @torch.no_grad()
 def plain_logits(model, images, normalization, batch_size):
     """The image alone, as --tta 0 evaluates it."""
-    return torch.cat([train.predict_batch(model, images[i:i + batch_size], normalization, 0, None)
+    return torch.cat([train.predict_batch(model, images[i:i + batch_size], normalization, 0, None)[0]
                       for i in range(0, len(images), batch_size)])
 
 
@@ -91,7 +91,7 @@ def main():
         logits = view_logits(model, data.test_images, normalization, args.batch_size)
         centre_seconds = logits[CENTRE][1]
         check = train.predict(model, train.normalize(data.test_images[:args.batch_size], normalization)
-                              .contiguous(memory_format=torch.channels_last), 2)
+                              .contiguous(memory_format=torch.channels_last), 2)[1]
         print(f"\n{path} (train.predict's --tta 2 on the first {args.batch_size} images agrees to "
               f"{(check - combine(logits, DIAGONAL)[:args.batch_size]).abs().max():.1e})")
         plain = plain_logits(model, data.test_images, normalization, args.batch_size)

@@ -15,7 +15,7 @@ import train
 from budget import Candidate, Probe, Workload
 from conftest import ROOT, history_of, load_test_split, run_cli, run_trainer, start_trainer, wait_for_line
 
-CIFAR10 = Workload(train_images=50_000, eval_images=0, final_eval_images=10_000, final_plain_images=10_000,
+CIFAR10 = Workload(train_images=50_000, eval_images=0, final_eval_images=10_000,
                    spent_seconds=10.0, curves_seconds=0.5, curves_every_seconds=30, report_seconds=6.0,
                    stem_bias_epochs=3)
 SAVE = 1.5  # seconds a made-up probe takes to write an epoch's checkpoints
@@ -491,7 +491,7 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
 
 
 def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny_data, tmp_path):
-    flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "0", "--seed", "0", "--data-dir", tiny_data]
+    flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "1", "--seed", "0", "--data-dir", tiny_data]
     process = start_trainer("--budget", "18s", *flags, "--out-dir", tmp_path)
     wait_for_line(process, "[epoch 1/")
     process.send_signal(signal.SIGINT)
@@ -502,7 +502,7 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
 
     refused = run_cli("--resume", "--out-dir", tmp_path, "--budget", "1h")
     assert refused.returncode == 2 and "is a run with --budget 18 s, but --budget 1 h 0 min was given" in refused.stderr
-    result = run_trainer("--resume", "--out-dir", tmp_path)
+    result = run_trainer("--resume", "--out-dir", tmp_path, "--tta", "1")
     assert result.returncode == 0, result.stderr
     assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
     history = history_of(tmp_path)
@@ -511,10 +511,17 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     outcome = history["final"]["budget"]
     assert outcome["seconds"] > state["seconds_spent"] and outcome["forecast_seconds"] <= 18
     assert json.loads((tmp_path / "report.json").read_text())["test"]["accuracy"] == outcome["test_acc_tta"]
-    # The test set is evaluated at the end only, its plain figures filed with the saved (last) epoch.
+    # The test set is evaluated at the end only, its plain figures (from the augmented pass's first view) filed with
+    # the saved (last) epoch.
     rows = history["epochs"]
     assert len(rows) >= 2 and all(row["test_acc"] is None for row in rows[:-1])
     model, checkpoint = train.load_trained_model(tmp_path / "best_model.pth")
-    plain_acc = train.evaluate(model, *load_test_split(tiny_data), tta=0)[1]
+    autocast_dtype, _ = train.make_precision(history["plan"]["precision"], torch.device("cpu"))  # as the run evaluated
+    plain_loss, plain_acc, _ = train.evaluate(model, *load_test_split(tiny_data), tta=0, autocast_dtype=autocast_dtype)
+    augmented_loss, augmented_acc, _ = train.evaluate(model, *load_test_split(tiny_data), tta=1,
+                                                      autocast_dtype=autocast_dtype)
+    assert plain_loss != pytest.approx(augmented_loss, rel=1e-3)  # else the next lines could not tell them apart
     assert plain_acc == pytest.approx(checkpoint["test_acc"]) and checkpoint["epoch"] == rows[-1]["epoch"]
+    assert rows[-1]["test_loss"] == pytest.approx(plain_loss, rel=1e-4)
     assert history["final"]["test_acc"] == rows[-1]["test_acc"] == checkpoint["test_acc"]
+    assert history["final"]["test_acc_tta"] == pytest.approx(augmented_acc) and history["final"]["tta_level"] == 1
