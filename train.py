@@ -820,7 +820,7 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         "spent_seconds": round(workload.spent_seconds, 1),  # start-up, data and probe, before the choice
         "epoch_overhead_seconds": round(budget.epoch_overhead_seconds(best.probe, workload), 2),
         "frozen_stem_speedup": round(best.probe.frozen_stem_train_images_per_s / best.probe.train_images_per_s, 3),
-        "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2)})
+        "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2), "tta": tta})
 
 
 def print_budget_choice(choice, budget_seconds):
@@ -2770,7 +2770,7 @@ def main(argv=None):
                 plan = plan_for_budget(args, hw, plan, dataset, data, dist, out_dir)
                 print_plan(plan)
             code = train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed,
-                                  args.tta)
+                                  final_tta(args, plan, resume))
         dist.close()
         return code
     finally:
@@ -2783,6 +2783,16 @@ def choose_seed(args, resume):
     if resume:
         return resume.state["seed"]
     return args.seed if args.seed is not None else random.randrange(2**31)
+
+
+def final_tta(args, plan, resume):
+    """The final evaluation's test-time augmentation level: --tta's, except that a resumed --budget run keeps the
+    level its forecast counted (its pace control leaves time for that evaluation, not another's)."""
+    planned = plan["budget"].get("tta", args.tta) if resume and plan["budget"] else args.tta  # older runs: no "tta"
+    if planned != args.tta:
+        print(f"[resume] the final evaluation uses test-time augmentation level {planned}, which the budget's "
+              f"forecast counted, not --tta {args.tta}")
+    return planned
 
 
 def evaluate_saved_model(args, hw):

@@ -502,9 +502,11 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
 
     refused = run_cli("--resume", "--out-dir", tmp_path, "--budget", "1h")
     assert refused.returncode == 2 and "is a run with --budget 18 s, but --budget 1 h 0 min was given" in refused.stderr
-    result = run_trainer("--resume", "--out-dir", tmp_path, "--tta", "1")
+    result = run_trainer("--resume", "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
+    # The final evaluation's time is the forecast's, so is its test-time augmentation, not --tta's default (2).
+    assert "uses test-time augmentation level 1, which the budget's forecast counted" in result.stdout
     history = history_of(tmp_path)
     assert history["plan"]["epochs"] == planned["epochs"] and history["plan"]["model"] == planned["model"]
     assert any("resumed" in event for event in history["events"])
