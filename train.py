@@ -1741,12 +1741,13 @@ def class_probabilities(model, images, normalization, tta, autocast_dtype, batch
     the device ran out of memory."""
     model.eval()
     try:
-        batches = [predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
-                   for start in range(0, len(images), batch_size)]
+        # Each batch leaves the device at once: a split's worth of logits there would outgrow what halving frees.
+        batches = [(plain.cpu(), logits.softmax(1).cpu()) for plain, logits in (
+            predict_batch(model, images[start:start + batch_size], normalization, tta, autocast_dtype)
+            for start in range(0, len(images), batch_size))]
     except torch.OutOfMemoryError:
         return None
-    return (torch.cat([plain.cpu() for plain, _ in batches]),
-            torch.cat([logits.softmax(1).cpu() for _, logits in batches]))
+    return torch.cat([plain for plain, _ in batches]), torch.cat([probabilities for _, probabilities in batches])
 
 
 def predict_batch(model, images_uint8, normalization, tta, autocast_dtype):
