@@ -4,9 +4,9 @@ Pure functions, no torch: train.py measures this machine (its throughput probe),
 candidate's time and accuracy and chooses; tests/test_budget.py drives it with made-up probes.
 
 The knowledge is bench/accuracy_table.json: for each configuration (model, width, precision, batch, backprop
-fraction, device type), test accuracy with TTA after E epochs, measured here by bench/accuracy_table.py (an entry
-from elsewhere names its source). Accuracy between two points is interpolated linearly in 1/epochs; outside the
-measured epochs it is not forecast.
+fraction, small-crop epochs, device type), test accuracy with TTA after E epochs, measured here by
+bench/accuracy_table.py (an entry from elsewhere names its source). Accuracy between two points is interpolated
+linearly in 1/epochs; outside the measured epochs it is not forecast.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class Candidate:
     precision: str
     batch_size: int
     backprop_fraction: float = 1.0  # of each batch, its hardest examples (train.training_step)
+    small_crop_epochs: int = 0  # the first epochs, on small crops (train.TrainBatches)
     points: tuple = ()  # ((epochs, test accuracy % with TTA), ...) sorted by epochs; () when not known
     source: str = ""  # where the points come from, said with the forecast
 
@@ -60,7 +61,9 @@ class Candidate:
     def label(self):
         kwargs = ", ".join(f"{k}={v}" for k, v in self.model_kwargs.items())
         hardest = f", hardest {self.backprop_fraction:.0%} backpropagated" if self.backprop_fraction < 1 else ""
-        return f"{self.model}({kwargs}) {self.precision}, batch {self.batch_size}{hardest}"
+        crops = f", first {self.small_crop_epochs} epoch{'s' * (self.small_crop_epochs > 1)} on small crops" \
+            if self.small_crop_epochs else ""
+        return f"{self.model}({kwargs}) {self.precision}, batch {self.batch_size}{hardest}{crops}"
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,16 @@ class Probe:
     eval_images_per_s: float
     save_seconds: float  # writing an epoch's checkpoints of the candidate's model
     frozen_stem_train_images_per_s: float  # once it freezes: quicker, the conv after the stem skips its input gradient
+    small_crop_train_images_per_s: float | None = None  # on small crops, the stem bias training; None: not probed
+
+    @property
+    def frozen_stem_speedup(self):
+        return self.frozen_stem_train_images_per_s / self.train_images_per_s
+
+    @property
+    def small_crop_speedup(self):
+        return self.small_crop_train_images_per_s / self.train_images_per_s if self.small_crop_train_images_per_s \
+            else 1.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,7 @@ def table_candidates(table, device_type, precision, model=None, width_mult=None)
         source = entry["source"] if entry["source"] != "measured" else \
             f"bench/accuracy_table.json, measured here on {entry['points'][0]['data']}"
         found.append(Candidate(entry["model"], dict(entry["model_kwargs"]), entry["precision"], entry["batch_size"],
-                               entry["backprop_fraction"], points, source))
+                               entry["backprop_fraction"], entry["small_crop_epochs"], points, source))
     return found
 
 
@@ -182,23 +195,34 @@ def final_seconds(probe, workload, tta):
     return tta_passes(tta) * workload.final_eval_images / probe.eval_images_per_s + workload.report_seconds
 
 
-def training_seconds(probe, workload, epochs):
-    """The training steps of `epochs`: the first stem_bias_epochs at one measured speed, the rest at the other."""
-    early = min(epochs, workload.stem_bias_epochs)
-    return workload.train_images * (early / probe.train_images_per_s
-                                    + (epochs - early) / probe.frozen_stem_train_images_per_s)
+def step_seconds_ratio(epoch, stem_bias_epochs, small_crop_epochs, frozen_stem_speedup, small_crop_speedup):
+    """A training step's time in `epoch` against a step on whole images while the stem bias trains: quicker once
+    it freezes, and on small crops. Frozen-stem steps on crops, not probed, are taken as quicker by both ratios."""
+    ratio = 1 / frozen_stem_speedup if epoch >= stem_bias_epochs else 1.0
+    return ratio / small_crop_speedup if epoch < small_crop_epochs else ratio
 
 
-def forecast_seconds(probe, workload, epochs, tta):
+def training_seconds(probe, workload, epochs, small_crop_epochs=0):
+    """The training steps of `epochs`: the first small_crop_epochs on crops, the first stem_bias_epochs while the
+    stem bias trains, each part at its measured speed."""
+    ends = sorted({epochs, *(end for end in (small_crop_epochs, workload.stem_bias_epochs) if end < epochs)})
+    return sum(workload.train_images * (end - start) / probe.train_images_per_s
+               * step_seconds_ratio(start, workload.stem_bias_epochs, small_crop_epochs, probe.frozen_stem_speedup,
+                                    probe.small_crop_speedup)
+               for start, end in zip([0, *ends], ends))
+
+
+def forecast_seconds(probe, workload, epochs, tta, small_crop_epochs=0):
     """Wall time of a run of `epochs` (fractional: the last epoch cut short), from process start to exit."""
-    return (workload.spent_seconds + training_seconds(probe, workload, epochs)
+    return (workload.spent_seconds + training_seconds(probe, workload, epochs, small_crop_epochs)
             + math.ceil(epochs - 1e-9) * epoch_overhead_seconds(probe, workload) + final_seconds(probe, workload, tta))
 
 
 def epoch_grid(candidate, by_time):
-    """The epoch counts the chooser considers: tenths within the measured points, or (by_time) from one epoch up."""
+    """The epoch counts the chooser considers: tenths within the measured points, or (by_time) from one epoch on
+    whole images up."""
     if by_time:
-        low, high = 1.0, float(MAX_EPOCHS_BY_TIME)
+        low, high = 1.0 + candidate.small_crop_epochs, float(MAX_EPOCHS_BY_TIME)
     else:
         low, high = candidate.points[0][0], candidate.points[-1][0]
     return [k / EPOCH_RESOLUTION for k in range(round(low * EPOCH_RESOLUTION), round(high * EPOCH_RESOLUTION) + 1)]
@@ -215,7 +239,8 @@ def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
     for candidate, probe in zip(candidates, probes):
         if probe is None or not (by_time or candidate.points):
             continue
-        options = [Option(candidate, probe, epochs, forecast_seconds(probe, workload, epochs, tta),
+        options = [Option(candidate, probe, epochs,
+                          forecast_seconds(probe, workload, epochs, tta, candidate.small_crop_epochs),
                           None if by_time else expected_accuracy(candidate.points, epochs))
                    for epochs in epoch_grid(candidate, by_time)]
         if quickest is None or options[0].seconds < quickest.seconds:
@@ -234,11 +259,12 @@ def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
     return Choice(best, runner_up, at_the_end and not by_time)
 
 
-def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_left, budget_seconds, seconds_per_step,
-                     quicker_from_step, quicker_seconds_per_step, epoch_overhead_seconds, final_seconds):
+def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_left, budget_seconds, step_paces,
+                     epoch_overhead_seconds, final_seconds):
     """The pace control's decision at `step`, part-way through an epoch, with seconds_left before the deadline: the
-    step at which training should now end, or None to keep final_step. Steps from quicker_from_step on (the stem bias
-    frozen) take quicker_seconds_per_step, those before it seconds_per_step.
+    step at which training should now end, or None to keep final_step. step_paces: ((from step, seconds a step),
+    ...), in order, the first from `step`: the steps from each on take its seconds (small crops, then whole images,
+    then the stem bias frozen).
 
     Ending at a step leaves, at those paces, some seconds spare before the deadline. While the
     planned end leaves between MARGIN/2 and 3*MARGIN/2 of the budget spare, it stays. Outside that band it moves to
@@ -246,11 +272,13 @@ def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_le
     measured it faster than its epochs run), later when it is ahead, but never past longest_step, the table's
     longest run of this configuration: beyond it accuracy is not known. The band keeps small swings of the measured
     pace from moving it."""
+    starts = [start for start, _ in step_paces]
+
     def spare(end_step):  # falls as end_step grows
         epoch_ends = -(-end_step // steps_per_epoch) - step // steps_per_epoch  # this epoch's end and later ones'
-        slower_steps = max(0, min(end_step, quicker_from_step) - step)
-        return seconds_left - slower_steps * seconds_per_step - (end_step - step - slower_steps) * \
-            quicker_seconds_per_step - epoch_ends * epoch_overhead_seconds - final_seconds
+        steps_seconds = sum(max(0, min(end_step, until) - start) * pace
+                            for (start, pace), until in zip(step_paces, [*starts[1:], end_step]))
+        return seconds_left - steps_seconds - epoch_ends * epoch_overhead_seconds - final_seconds
 
     behind = spare(final_step) < MARGIN / 2 * budget_seconds
     ahead = spare(final_step) > 3 * MARGIN / 2 * budget_seconds and final_step < longest_step

@@ -90,6 +90,10 @@ SGD_WARMUP_FRACTION = 0.1  # of all steps: the large early steps need BatchNorm 
 LABEL_SMOOTHING = 0.2  # softer targets regularise the short, high-learning-rate schedule (airbench); both recipes
 STEM_BIAS_EPOCHS = 3  # a stem bias (the whitening layer's) trains only this long (its rate decays to 0), then freezes
 TRANSLATE_PIXELS = 2  # random translation of up to 2 pixels (reflect padding)
+# --small-crop-epochs: the first epochs train on crops of this share of the image's side (24x24 of 32x32), whose
+# steps take less time; objects keep their size, so the network sees them as later whole images show them
+# (progressive resizing, as fast.ai's DAWNBench entries did). Measured gain in bench/RESULTS.md.
+SMALL_CROP_SIDE = 0.75
 EVAL_BATCH_SIZE = 2000
 PRECISIONS = ("fp32", "bf16", "fp16")  # what --precision accepts; the plan picks one per device
 MIN_FREE_DISK_MB = 50
@@ -230,7 +234,8 @@ def print_hardware(hw):
 
 def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, disable_auto=False, model=None,
               width_mult=None, precision=None, val_split=None, patience=None, folds=None, budget_seconds=None,
-              backprop_fraction=None, world_size=1, local_rank=0, local_world_size=1, threads=None):
+              backprop_fraction=None, small_crop_epochs=None, world_size=1, local_rank=0, local_world_size=1,
+              threads=None):
     """Decide devices, model, batch size, learning rate, epochs, precision and how the saved model is chosen,
     each with its reason.
 
@@ -269,6 +274,11 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
     plan["weight_decay"], reasons["weight_decay"] = _given_or(weight_decay, defaults["weight_decay"],
                                                               "--weight-decay", defaults["weight_decay_reason"])
     plan["epochs"], reasons["epochs"] = _given_or(epochs, tier_epochs, "--epochs", "the default for this tier")
+    plan["small_crop_epochs"], reasons["small_crop_epochs"] = _given_or(
+        small_crop_epochs, 0, "--small-crop-epochs", "every epoch trains on whole images")
+    if plan["small_crop_epochs"] >= plan["epochs"] and not budget_seconds:
+        raise UserError(f"--small-crop-epochs {plan['small_crop_epochs']} leaves none of the {plan['epochs']} epochs "
+                        f"on whole images, which the model is evaluated on; give fewer, or more --epochs.")
     plan["precision"], reasons["precision"] = choose_precision(group, hw.cpu_bf16, precision)
     plan["world_size"] = world_size
     if plan["batch_size"] % world_size:
@@ -461,6 +471,7 @@ def plan_for_flags(args, hw, dist, threads=None):
                      disable_auto=args.disable_auto, model=args.model, width_mult=args.width_mult,
                      precision=args.precision, val_split=args.val_split, patience=args.patience, folds=args.folds,
                      budget_seconds=args.budget, backprop_fraction=args.backprop_fraction,
+                     small_crop_epochs=args.small_crop_epochs,
                      world_size=dist.world_size, local_rank=dist.local_rank, local_world_size=dist.local_world_size,
                      threads=threads)
 
@@ -523,6 +534,9 @@ def print_plan(plan):
     print(f"[plan] learning rate: {plan['lr']:.4g} ({r['lr']})")
     print(f"[plan] weight decay: {plan['weight_decay']:.4g} ({r['weight_decay']})")
     print(f"[plan] epochs: {plan['epochs']} ({r['epochs']})")
+    if plan["small_crop_epochs"]:
+        print(f"[plan] small crops: the first {plan['small_crop_epochs']} epochs train on random crops of "
+              f"{SMALL_CROP_SIDE:.0%} of the image's side ({r['small_crop_epochs']})")
     print(f"[plan] precision: {plan['precision']} ({r['precision']})")
     print(f"[plan] threads: {plan['threads']} ({r['threads']})")
     print(f"[plan] saved model: {r['selection']}")
@@ -585,29 +599,31 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
 
 def budget_candidates(args, plan, dataset, table):
     """(candidates, by_time). The table's configurations for this device (a CPU: its plan's precision; a GPU: those
-    measured in either half precision, trained in the plan's), batch size and backprop fraction (the
-    table's accuracy holds at its own), or just the plan's when --model or another dataset than the table's fixes
-    the model; by_time when no accuracy is known, so the most epochs that fit win."""
+    measured in either half precision, trained in the plan's), batch size, backprop fraction and small-crop epochs
+    (the table's accuracy holds at its own; each as given, if given), or just the plan's network and batch when
+    --model or another dataset than the table's fixes the model; by_time when no accuracy is known, so the most
+    epochs that fit win."""
     device_type = torch.device(plan["device"]).type
     precisions = (plan["precision"],) if device_type == "cpu" else ("bf16", "fp16")
     found = [dataclasses.replace(c, precision=plan["precision"]) for precision in precisions
              for c in budget.table_candidates(table, device_type, precision, args.model, args.width_mult)
              if args.batch_size in (None, c.batch_size) and args.backprop_fraction in (None, c.backprop_fraction)
-             and c.batch_size % plan["world_size"] == 0]
+             and args.small_crop_epochs in (None, c.small_crop_epochs) and c.batch_size % plan["world_size"] == 0]
     if dataset.key != budget.TABLE_DATASET:
         found = []
-    elif args.model is not None:  # the plan's configuration: only its epochs are chosen
+    elif args.model is not None:  # the plan's configuration: its epochs are chosen, and small crops unless given
         found = [c for c in found if c.model_kwargs == plan["model_kwargs"] and c.batch_size == plan["batch_size"]
                  and c.backprop_fraction == plan["backprop_fraction"]]
     if not found:
         return [budget.Candidate(plan["model"], dict(plan["model_kwargs"]), plan["precision"], plan["batch_size"],
-                                 plan["backprop_fraction"])], True
+                                 plan["backprop_fraction"], plan["small_crop_epochs"])], True
     return found, False
 
 
 def candidate_plan(plan, candidate):
     return dict(plan, model=candidate.model, model_kwargs=dict(candidate.model_kwargs),
-                batch_size=candidate.batch_size, backprop_fraction=candidate.backprop_fraction)
+                batch_size=candidate.batch_size, backprop_fraction=candidate.backprop_fraction,
+                small_crop_epochs=candidate.small_crop_epochs)
 
 
 def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
@@ -625,6 +641,10 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # PROBE_CPU_BATCH images a step, so the candidates that differ only in batch share one measurement, and the
     # choice between them is not made by noise.
     probed = {}  # (model, model_kwargs, backprop fraction, probe batch) -> (the probe, the label of what it measured)
+    keys = [(c.model, tuple(sorted(c.model_kwargs.items())), c.backprop_fraction,
+             probe_batch_size(candidate_plan(plan, c), data, dist)) for c in candidates]
+    # A probe times small crops too where any candidate it measures trains on them.
+    small_crop_keys = {key for key, c in zip(keys, candidates) if c.small_crop_epochs}
     # On a CPU a probe's steps take time in proportion to their work, so the next probe's seconds are foretold from
     # the last one's (foretold_probe_seconds), and a probe that would pass the share is not started (a wide network's
     # is several times a small one's). On a GPU they do not (a new network's kernel search, a small network's idle
@@ -633,10 +653,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     # says: a 1.5-wide network's probe took half of a 10-minute budget's share on a bf16 CPU, for a run of 16 minutes.
     last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work, index)
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
-        candidate, skip, shared, timing = candidates[index], None, "", {}
+        candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
         trial_plan = candidate_plan(plan, candidate)
-        key = (candidate.model, tuple(sorted(candidate.model_kwargs.items())), candidate.backprop_fraction,
-               probe_batch_size(trial_plan, data, dist))
         work = step_work(cost[index], key[-1], candidate.backprop_fraction)
         foretold = shortest_run_seconds = 0.0  # of this probe, and of its shortest measured run's training steps
         if last and not start_exempt:
@@ -661,7 +679,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
         skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
         if skip is None and not shared:
             t0 = time.time()
-            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir))
+            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir,
+                                                                   small_crops=key in small_crop_keys))
             probe_seconds = time.time() - t0
             spent += probe_seconds if probed or not start_exempt else 0.0
             if probes[index] is not None:  # one that ran out of memory stopped early
@@ -675,17 +694,22 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
             "frozen_stem_train_images_per_s": round(probe.frozen_stem_train_images_per_s, 1),
+            "small_crop_train_images_per_s": probe.small_crop_train_images_per_s and round(
+                probe.small_crop_train_images_per_s, 1),
             "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2),
             **timing}
         took = f", probed in {timing['probe_seconds']:.1f}s" if timing else ""
-        print(f"[budget] probe {candidate.label}: " + (skip or f"{probe.train_images_per_s:,.0f} images/s training "
-                                                              f"({probe.frozen_stem_train_images_per_s:,.0f} once the "
-                                                              f"stem bias freezes), {probe.eval_images_per_s:,.0f} "
-                                                              f"evaluating, checkpoints {probe.save_seconds:.2f}s"
-                                                              f"{took}{shared}"),
-              flush=True)
+        print(f"[budget] probe {candidate.label}: " + (skip or probe_text(probe) + took + shared), flush=True)
     print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
+
+
+def probe_text(probe):
+    small_crops = f", {probe.small_crop_train_images_per_s:,.0f} on small crops" \
+        if probe.small_crop_train_images_per_s else ""
+    return (f"{probe.train_images_per_s:,.0f} images/s training ({probe.frozen_stem_train_images_per_s:,.0f} once the "
+            f"stem bias freezes{small_crops}), {probe.eval_images_per_s:,.0f} evaluating, checkpoints "
+            f"{probe.save_seconds:.2f}s")
 
 
 def step_work(macs, batch, backprop_fraction):
@@ -695,9 +719,11 @@ def step_work(macs, batch, backprop_fraction):
 
 
 def probe_steps_seconds(probe, batch):
-    """Seconds the probe's training steps of `batch` images took: a warm-up and PROBE_STEPS at each stem state (a
-    network without a stem bias times one state only; none is a table candidate, where several are probed)."""
-    return (PROBE_STEPS + 1) * batch * (1 / probe.train_images_per_s + 1 / probe.frozen_stem_train_images_per_s)
+    """Seconds the probe's training steps of `batch` images took: a warm-up and PROBE_STEPS at each stem state and
+    on small crops if timed (a network without a stem bias times one state only; none is a table candidate, where
+    several are probed)."""
+    speeds = (probe.train_images_per_s, probe.frozen_stem_train_images_per_s, probe.small_crop_train_images_per_s)
+    return (PROBE_STEPS + 1) * batch * sum(1 / speed for speed in speeds if speed)
 
 
 def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
@@ -726,10 +752,11 @@ def probe_batch_size(plan, data, dist):
     return min(batch, len(data.train_images))
 
 
-def probe_throughput(plan, data, dist, out_dir):
-    """Images/s of training steps, before and after the stem bias freezes, and of evaluation for this plan's
-    configuration on its device, from warmed-up steps on real training images, and the seconds to write its
-    checkpoints into out_dir (the model is thrown away after). None if it runs out of memory."""
+def probe_throughput(plan, data, dist, out_dir, small_crops=False):
+    """Images/s of training steps, before and after the stem bias freezes (and on small crops before, if
+    small_crops), and of evaluation for this plan's configuration on its device, from warmed-up steps on real
+    training images, and the seconds to write its checkpoints into out_dir (the model is thrown away after). None if
+    it runs out of memory."""
     device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
     optimizer = make_optimizer(model, plan)
     batch = probe_batch_size(plan, data, dist)
@@ -750,11 +777,16 @@ def probe_throughput(plan, data, dist, out_dir):
             seconds.append(time.perf_counter() - t0)
         return statistics.median(seconds)
 
-    def step():
+    def step(inputs=inputs):
         training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype, dist, plan["backprop_fraction"])
 
     try:
         step_seconds = timed(step, PROBE_STEPS)
+        small_crop_step_seconds = None
+        if small_crops:  # a window as TrainBatches cuts: fewer pixels, and new kernels for the shape
+            side = round(SMALL_CROP_SIDE * inputs.shape[-1])
+            crops = inputs[:, :, :side, :side].contiguous(memory_format=torch.channels_last)
+            small_crop_step_seconds = timed(lambda: step(crops), PROBE_STEPS)
         # After STEM_BIAS_EPOCHS the stem bias freezes (train_one_epoch), and the conv after the stem no longer
         # computes its input's gradient: those epochs' steps are quicker (bench/RESULTS.md, fifteenth session), so a
         # run's later epochs are forecast at their own speed.
@@ -769,7 +801,8 @@ def probe_throughput(plan, data, dist, out_dir):
         return None
     save_seconds = checkpoint_seconds(model, optimizer, out_dir) if dist.is_main else 0.0  # rank 0 alone saves
     return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds,
-                        save_seconds, batch * dist.world_size / frozen_stem_step_seconds)
+                        save_seconds, batch * dist.world_size / frozen_stem_step_seconds,
+                        small_crop_step_seconds and batch * dist.world_size / small_crop_step_seconds)
 
 
 def checkpoint_seconds(model, optimizer, out_dir):
@@ -803,7 +836,7 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
     else:
         reasons["model"] = (f"--budget: the most accurate configuration that fits, forecast {best.accuracy:.2f}% "
                             f"({best.candidate.source})")
-    for field in ("batch_size", "backprop_fraction"):
+    for field in ("batch_size", "backprop_fraction", "small_crop_epochs"):
         if plan[field] != getattr(best.candidate, field):
             reasons[field] = "the measured configuration's"
     reasons["epochs"] = "--budget: the most epochs of it that fit (a run may end part-way through its last epoch)"
@@ -819,7 +852,8 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         # What the pace control expects after each epoch and at the end, until it has measured them.
         "spent_seconds": round(workload.spent_seconds, 1),  # start-up, data and probe, before the choice
         "epoch_overhead_seconds": round(budget.epoch_overhead_seconds(best.probe, workload), 2),
-        "frozen_stem_speedup": round(best.probe.frozen_stem_train_images_per_s / best.probe.train_images_per_s, 3),
+        "frozen_stem_speedup": round(best.probe.frozen_stem_speedup, 3),
+        "small_crop_speedup": round(best.probe.small_crop_speedup, 3),
         "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2), "tta": tta})
 
 
@@ -960,11 +994,15 @@ class TrainBatches:
 
     Under torchrun every rank draws the same permutation (same seed) and takes its own slice of each
     global batch, so the ranks' shards are disjoint and together make exactly one global batch.
+
+    The first small_crop_epochs epochs yield crops of SMALL_CROP_SIDE of the side, one random window per batch: a
+    batch is one tensor of one shape, and each image already moved by its own translation.
     """
 
-    def __init__(self, images, labels, normalization, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, images, labels, normalization, batch_size, seed, rank=0, world_size=1, small_crop_epochs=0):
         self.images, self.labels, self.normalization = images, labels, normalization
-        self.batch_size = batch_size
+        self.batch_size, self.small_crop_epochs = batch_size, small_crop_epochs
+        self.small_crop = round(SMALL_CROP_SIDE * images.shape[-1])
         self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         flip_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.first_flips = (torch.rand(len(images), generator=flip_gen) < 0.5).to(images.device)
@@ -980,16 +1018,24 @@ class TrainBatches:
         shifts = torch.randint(-TRANSLATE_PIXELS, TRANSLATE_PIXELS + 1, (n, 2), device=self.images.device,
                                generator=self.generator)
         flips = self.first_flips ^ bool(epoch % 2)
+        # Drawn with the epoch's order, from the generator whose state last.pth keeps: a resumed epoch crops alike.
+        corners = torch.randint(0, self.images.shape[-1] - self.small_crop + 1, (len(self), 2),
+                                device=self.images.device, generator=self.generator).tolist() \
+            if epoch < self.small_crop_epochs else None
         for b in range(skip, len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank_slice]
             inputs = normalize(self.images[index], self.normalization)
             inputs = torch.where(flips[index].view(-1, 1, 1, 1), inputs.flip(-1), inputs)
-            inputs = translate_batch(inputs, shifts[index]).contiguous(memory_format=torch.channels_last)
-            yield inputs, self.labels[index]
+            inputs = translate_batch(inputs, shifts[index])
+            if corners:
+                top, left = corners[b]
+                inputs = inputs[:, :, top:top + self.small_crop, left:left + self.small_crop]
+            yield inputs.contiguous(memory_format=torch.channels_last), self.labels[index]
 
 
-def make_train_batches(train_images, train_labels, normalization, batch_size, seed, dist):
-    batches = TrainBatches(train_images, train_labels, normalization, batch_size, seed, dist.rank, dist.world_size)
+def make_train_batches(train_images, train_labels, normalization, batch_size, seed, dist, small_crop_epochs):
+    batches = TrainBatches(train_images, train_labels, normalization, batch_size, seed, dist.rank, dist.world_size,
+                           small_crop_epochs)
     if len(batches) == 0:
         raise UserError(f"The batch size, {batch_size}, is larger than the {len(train_images)} training images. "
                         f"Give a smaller one, e.g. --batch-size {max(1, len(train_images) // 4)}.")
@@ -1262,7 +1308,7 @@ def build_run(args, hw, plan, dataset, data, fingerprint, seed, dist, out_dir, d
                forward_model=forward_model, optimizer=make_optimizer(model, plan), autocast_dtype=autocast_dtype,
                scaler=scaler, batch_size=plan["batch_size"],
                train_batches=make_train_batches(data.train_images, data.train_labels, normalization,
-                                                plan["batch_size"], seed, dist),
+                                                plan["batch_size"], seed, dist, plan["small_crop_epochs"]),
                log_every=args.log_every,
                memory_devices=[torch.device("cuda", i) for i in plan["device_ids"]] or [device],
                history={"plan": plan, "args": vars_for_json(args), "hardware": hardware_for_json(hw), "seed": seed,
@@ -1452,19 +1498,33 @@ def last_epoch_training(run):
     unless this process trained that epoch whole, after it started or last retried an epoch (restore_run sets
     start_epoch and began_mid_epoch): a resumed run may run on other hardware, and an epoch before an out-of-memory
     back-off ran at another batch size.
-    The last epoch whose stem bias trained counts as the quicker epochs after it would have run, by the probe's
-    measured ratio."""
+    An epoch whose steps ran at another pace than the next one's (its stem bias trained, or it trained on small
+    crops) counts as the next would have run it, by the probe's measured ratios."""
     rows = run.history["epochs"]
     if not rows or rows[-1]["epoch"] <= run.start_epoch + run.began_mid_epoch:
         return 0.0, 0
-    speedup = frozen_stem_speedup(run.plan["budget"]) if rows[-1]["epoch"] == STEM_BIAS_EPOCHS else 1.0
-    return (rows[-1]["seconds"] - rows[-1]["first_step_seconds"]) / speedup, rows[-1]["steps"] - 1
+    last, this = rows[-1]["epoch"] - 1, rows[-1]["epoch"]  # counted from 0
+    ratio = step_seconds_ratio(run.plan, this) / step_seconds_ratio(run.plan, last)
+    return (rows[-1]["seconds"] - rows[-1]["first_step_seconds"]) * ratio, rows[-1]["steps"] - 1
 
 
-def frozen_stem_speedup(forecast):
-    """How much quicker the probe measured the steps once the stem bias freezes; 1 for a plan made before it timed
-    both."""
-    return forecast.get("frozen_stem_speedup", 1.0)
+def step_seconds_ratio(plan, epoch):
+    """A training step's time in `epoch` (from 0) against a whole-image step while the stem bias trains, by the
+    probe's ratios in the plan's forecast (1 where a plan made before it timed them has none)."""
+    forecast = plan["budget"]
+    return budget.step_seconds_ratio(epoch, STEM_BIAS_EPOCHS, plan["small_crop_epochs"],
+                                     forecast.get("frozen_stem_speedup", 1.0), forecast.get("small_crop_speedup", 1.0))
+
+
+def step_paces(plan, step, steps_per_epoch, seconds_per_step):
+    """((from step, seconds a step), ...) of the steps from `step` on (budget.paced_final_step): the pace measured
+    now, and from each later epoch where it changes (small crops end, the stem bias freezes) that pace by the
+    ratios the probe measured."""
+    epoch = step // steps_per_epoch
+    changes = sorted({end for end in (plan["small_crop_epochs"], STEM_BIAS_EPOCHS) if end > epoch})
+    return [(start * steps_per_epoch if start > epoch else step,
+             seconds_per_step * step_seconds_ratio(plan, start) / step_seconds_ratio(plan, epoch))
+            for start in (epoch, *changes)]
 
 
 def keep_pace(run, seconds_per_step):
@@ -1474,15 +1534,10 @@ def keep_pace(run, seconds_per_step):
     forecast = run.plan["budget"]
     budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
-    # While the stem bias trains, the steps after it freezes are forecast quicker by the ratio the probe measured;
-    # once it is frozen, every step left runs at the pace measured.
-    frozen_from_step = STEM_BIAS_EPOCHS * steps_per_epoch
     final_step = budget.paced_final_step(
         run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
         seconds_left=budget_seconds - run.seconds_spent, budget_seconds=budget_seconds,
-        seconds_per_step=seconds_per_step, quicker_from_step=frozen_from_step,
-        quicker_seconds_per_step=seconds_per_step / frozen_stem_speedup(forecast) if run.step < frozen_from_step
-        else seconds_per_step,
+        step_paces=step_paces(run.plan, run.step, steps_per_epoch, seconds_per_step),
         epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
         final_seconds=forecast["final_seconds"])
     end_epoch = run.dist.broadcast_object(None if final_step is None else final_step / steps_per_epoch)
@@ -2315,7 +2370,8 @@ def load_resume(args, hw, dist, threads, path=None):
     asked_by_user, path = path is None, path or resume_path(args)
     cross_validation = path.name == CROSS_VALIDATION_STATE
     state = load_cross_validation_state(path) if cross_validation else load_resume_state(path)
-    saved = state["plan"]
+    # A plan saved before --small-crop-epochs existed trained every epoch on whole images.
+    saved = state["plan"] = {"small_crop_epochs": 0, **state["plan"]}
     if asked_by_user and not cross_validation and folds_of(saved):
         raise UserError(f"--resume: {path} is fold {saved['val_split']['fold']} of a {folds_of(saved)}-fold "
                         f"cross-validation, and {path.parent.parent / CROSS_VALIDATION_STATE}, which knows the other "
@@ -2418,6 +2474,7 @@ def check_resume_matches_flags(args, path, state):
     plan = state["plan"]
     given = {"--epochs": (args.epochs, plan["epochs"]), "--batch-size": (args.batch_size, plan["batch_size"]),
              "--backprop-fraction": (args.backprop_fraction, plan["backprop_fraction"]), "--lr": (args.lr, plan["lr"]),
+             "--small-crop-epochs": (args.small_crop_epochs, plan["small_crop_epochs"]),
              "--weight-decay": (args.weight_decay, plan["weight_decay"]),
              "--model": (args.model, plan["model"]), "--seed": (args.seed, state["seed"]),
              "--precision": (args.precision, plan["precision"]),
@@ -2449,7 +2506,7 @@ def restore_run(run, state):
         run.batch_size = state["batch_size"]
         batches = run.train_batches
         run.train_batches = make_train_batches(batches.images, batches.labels, run.normalization, run.batch_size,
-                                               run.seed, run.dist)
+                                               run.seed, run.dist, batches.small_crop_epochs)
     # The saved sums already cover every rank; under torchrun only rank 0 carries them on.
     run.epoch_sums = state["epoch_sums"].to(run.device) if run.dist.is_main else torch.zeros(4, device=run.device)
     run.epoch_seconds = state["epoch_seconds"]
@@ -2567,6 +2624,11 @@ def parse_args(argv=None):
                         "Selective-Backprop): a gradient-free forward pass ranks the batch, and epochs take less "
                         "time; the per-example learning rates, and so the weight decay, count the backpropagated "
                         "examples (default: 1, every example)")
+    p.add_argument("--small-crop-epochs", type=int, default=None, metavar="N",
+                   help=f"train the first N epochs on random crops of {SMALL_CROP_SIDE:.0%}% of the image's side "
+                        f"(24x24 of CIFAR's 32x32), whose steps take less time; later epochs and every evaluation "
+                        f"see whole images (default: 0; --budget may choose it where bench/accuracy_table.json "
+                        f"measured it)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak Muon learning rate of the conv filters (default: {MUON_LR}); the biases' and head's "
                         f"SGD rates scale with it")
@@ -2673,6 +2735,8 @@ def validate_args(args):
     if args.backprop_fraction is not None and not 0 < args.backprop_fraction <= 1:
         bad(f"--backprop-fraction is the share of each batch backpropagated, more than 0 and at most 1; got "
             f"{args.backprop_fraction}.")
+    if args.small_crop_epochs is not None and args.small_crop_epochs < 0:
+        bad(f"--small-crop-epochs must be 0 or more, got {args.small_crop_epochs}.")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         bad(f"--lr must be a positive finite number, got {args.lr}.")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -2985,8 +3049,9 @@ def cross_validation_text(state):
     plan, results = state["plan"], state["results"]
     hardest = f", the hardest {plan['backprop_fraction']:.0%} of each batch backpropagated" \
         if plan["backprop_fraction"] < 1 else ""
+    small_crops = f" (the first {plan['small_crop_epochs']} on small crops)" if plan["small_crop_epochs"] else ""
     return (f"# {state['folds']}-fold cross-validation\n\n"
-            f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs{hardest}, seed "
+            f"{model_text(plan['model'], plan['model_kwargs'])}, {plan['epochs']} epochs{small_crops}{hardest}, seed "
             f"{state['seed']}, data {state['data_dir']}. Each fold's model is its epoch of best validation accuracy; "
             f"the scores are with test-time augmentation level {state['tta']}; std is the sample standard deviation "
             f"over the folds.\n\n"

@@ -4,13 +4,15 @@
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 4 8
     python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --batch-size 1000 --backprop-fraction 0.5 \
         --epochs 3 6 8
+    python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision fp32 --small-crop-epochs 2 \
+        --epochs 5 6 8
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 10 --seeds 1 2
 
 Each point is one real `python train.py --seed S --epochs E` run on the full CIFAR-10 in --data-dir (on this
 project's machines the JPEG copy), alone on the machine; a point already in the table for the same configuration,
 epochs and seed is replaced. This table is what `train.py --budget` knows of accuracy: it interpolates between the
 points (the mean of the seeds run for an epoch count) and never extrapolates past them. A configuration is its
-network, precision, batch, backprop fraction and device type (cpu or cuda). CPU runs are deterministic, so the
+network, precision, batch, backprop fraction, small-crop epochs and device type (cpu or cuda). CPU runs are deterministic, so the
 accuracy does not depend on what else ran; the times are recorded for the reader only (the trainer measures its
 own speed). Never part of the test suite.
 """
@@ -35,6 +37,7 @@ def parse_args():
     p.add_argument("--precision", required=True, help="passed to train.py --precision")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
     p.add_argument("--backprop-fraction", type=float, default=None, help="passed to train.py --backprop-fraction")
+    p.add_argument("--small-crop-epochs", type=int, default=None, help="passed to train.py --small-crop-epochs")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--data-label", default=DATA_LABEL, help="how the data is named in the table")
@@ -47,7 +50,7 @@ def entry_for(table, plan, precision):
     # GPU, and --budget looks up only its own device's.
     key = {"model": plan["model"], "model_kwargs": plan["model_kwargs"], "precision": precision,
            "batch_size": plan["batch_size"], "backprop_fraction": plan["backprop_fraction"],
-           "device_type": plan["device"].split(":")[0]}
+           "small_crop_epochs": plan["small_crop_epochs"], "device_type": plan["device"].split(":")[0]}
     for entry in table["configurations"]:
         if {k: entry[k] for k in key} == key:
             return entry
@@ -72,7 +75,8 @@ def main():
         entry["points"] = sorted(kept + [point], key=lambda p: (p["epochs"], p["seed"]))
         TABLE.write_text(json.dumps(table, indent=1) + "\n")
         print(f"{plan['model']} {plan['model_kwargs']} {plan['precision']}, batch {plan['batch_size']}, backprop "
-              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs, seed {seed}: test {point['test_acc']:.2f}% "
+              f"fraction {plan['backprop_fraction']:g}, {epochs} epochs ({plan['small_crop_epochs']} on small crops), "
+              f"seed {seed}: test {point['test_acc']:.2f}% "
               f"(TTA {point['test_acc_tta']:.2f}%), wall {point['wall_s']:.0f}s, train {point['train_s']:.0f}s",
               flush=True)
 

@@ -39,6 +39,7 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=None, help="passed to train.py --epochs")
     p.add_argument("--batch-size", type=int, default=None, help="passed to train.py --batch-size")
     p.add_argument("--backprop-fraction", type=float, default=None, help="passed to train.py --backprop-fraction")
+    p.add_argument("--small-crop-epochs", type=int, default=None, help="passed to train.py --small-crop-epochs")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="passed to train.py --precision")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="passed to train.py --device")
     p.add_argument("--nproc", type=int, default=1, help="processes; above 1, train.py runs under torchrun (DDP)")
@@ -52,7 +53,7 @@ def trainer_flags(args):
     flags = ["--data-dir", args.data_dir, "--device", args.device]
     for flag, value in [("--model", args.model), ("--width-mult", args.width_mult), ("--epochs", args.epochs),
                         ("--batch-size", args.batch_size), ("--backprop-fraction", args.backprop_fraction),
-                        ("--precision", args.precision)]:
+                        ("--small-crop-epochs", args.small_crop_epochs), ("--precision", args.precision)]:
         if value is not None:
             flags += [flag, str(value)]
     return flags

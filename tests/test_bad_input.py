@@ -67,6 +67,9 @@ FLAG_CASES = {
     "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
     "backprop fraction 0": (["--backprop-fraction", "0"], "--backprop-fraction is the share of each batch"),
     "backprop fraction above 1": (["--backprop-fraction", "1.5"], "more than 0 and at most 1; got 1.5"),
+    "small crops negative": (["--small-crop-epochs", "-1"], "--small-crop-epochs must be 0 or more, got -1"),
+    "small crops every epoch": (["--epochs", "2", "--small-crop-epochs", "2"],
+                                "--small-crop-epochs 2 leaves none of the 2 epochs on whole images"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
     "lr negative": (["--lr", "-0.1"], "--lr must be a positive finite number"),
     "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
@@ -126,7 +129,7 @@ def test_resume_with_a_flag_that_would_change_its_plan_is_refused(finished_run, 
     before = (out / "last.pth").read_bytes()
     for flag, saved, given in [("--model", "SmallCifarNet", "PowerCifarNet"), ("--precision", "fp32", "bf16"),
                                ("--dataset", "cifar10", "cifar100"), ("--image-size", "32", "24"),
-                               ("--backprop-fraction", "1.0", "0.5")]:
+                               ("--backprop-fraction", "1.0", "0.5"), ("--small-crop-epochs", "0", "1")]:
         result = run_cli("--resume", "--out-dir", out, flag, given, "--data-dir", tiny_data)
         assert_refused(result, f"is a run with {flag} {saved}, but {flag} {given} was given")
     result = run_cli("--resume", "--out-dir", out, "--budget", "10m", "--data-dir", tiny_data)

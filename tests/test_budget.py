@@ -27,10 +27,11 @@ WIDE = Candidate("PowerCifarNet", {"width_mult": 1.5}, "bf16", 2000, points=((10
                  source="made up")
 
 
-def table_entry(batch_size, points, backprop_fraction=1.0):
+def table_entry(batch_size, points, backprop_fraction=1.0, small_crop_epochs=0):
     """A configuration in bench/accuracy_table.json's layout: SmallCifarNet fp32 on a CPU, with made-up points."""
     return {"model": "SmallCifarNet", "model_kwargs": {}, "precision": "fp32", "batch_size": batch_size,
-            "backprop_fraction": backprop_fraction, "device_type": "cpu", "source": "made up",
+            "backprop_fraction": backprop_fraction, "small_crop_epochs": small_crop_epochs, "device_type": "cpu",
+            "source": "made up",
             "points": [{"epochs": e, "test_acc_tta": a, "data": "made up"} for e, a in points]}
 
 
@@ -167,7 +168,8 @@ def test_the_repository_table_is_well_formed():
 
 def test_the_table_script_files_a_gpu_point_apart_from_the_same_network_on_a_cpu(monkeypatch):
     """bench/accuracy_table.py once added GPU points to the CPU entry of the same network and precision (its key left
-    out the device type), so --budget on a GPU never saw them and the CPU entry's point was overwritten."""
+    out the device type), so --budget on a GPU never saw them and the CPU entry's point was overwritten. Small-crop
+    epochs are part of the key too."""
     monkeypatch.syspath_prepend(ROOT / "bench")
     import accuracy_table
 
@@ -175,31 +177,36 @@ def test_the_table_script_files_a_gpu_point_apart_from_the_same_network_on_a_cpu
                      precision="bf16")
     table = {"configurations": [cpu_entry]}
     gpu_plan = {"model": "PowerCifarNet", "model_kwargs": {"width_mult": 1.0}, "batch_size": 2000,
-                "backprop_fraction": 1.0, "device": "cuda:0"}
+                "backprop_fraction": 1.0, "small_crop_epochs": 0, "device": "cuda:0"}
     gpu_entry = accuracy_table.entry_for(table, gpu_plan, "bf16")
     assert gpu_entry is not cpu_entry and gpu_entry["device_type"] == "cuda" and gpu_entry["points"] == []
     assert table["configurations"] == [cpu_entry, gpu_entry]
     assert accuracy_table.entry_for(table, dict(gpu_plan, device="cpu"), "bf16") is cpu_entry
     assert accuracy_table.entry_for(table, dict(gpu_plan, device="cuda:1"), "bf16") is gpu_entry
+    crops_entry = accuracy_table.entry_for(table, dict(gpu_plan, device="cpu", small_crop_epochs=2), "bf16")
+    assert crops_entry not in (cpu_entry, gpu_entry) and crops_entry["small_crop_epochs"] == 2
 
 
 def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch):
     """A CPU probes every batch at PROBE_CPU_BATCH (500): batch 2000 and 500 of one network are one measurement,
-    so noise between two probes cannot pick between them; batch 250 is probed at its own size."""
-    probed_batches = []
+    so noise between two probes cannot pick between them; batch 250 is probed at its own size. A configuration on
+    small crops shares the probe too, which then times the crops as well."""
+    probed = []
 
-    def counted_probe(plan, data, dist, out_dir):
-        probed_batches.append(plan["batch_size"])
-        return Probe(400.0 + len(probed_batches), 1500.0, SAVE, 400.0 + len(probed_batches))
+    def counted_probe(plan, data, dist, out_dir, small_crops=False):
+        probed.append((plan["batch_size"], small_crops))
+        return Probe(400.0 + len(probed), 1500.0, SAVE, 400.0 + len(probed), 700.0 if small_crops else None)
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
     candidates = [dataclasses.replace(SMALL, batch_size=batch) for batch in (2000, 500, 250)]
+    candidates.append(dataclasses.replace(SMALL, small_crop_epochs=2))
     probes, records = train.probe_candidates(plan, candidates, PROBE_DATA, train.Dist(), budget_seconds=600,
                                              out_dir=None)
-    assert probed_batches == [2000, 250]
-    assert probes[1] is probes[0] and probes[2] != probes[0]
+    assert probed == [(2000, True), (250, False)]
+    assert probes[1] is probes[0] is probes[3] and probes[2] != probes[0]
     assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
+    assert records[3]["small_crop_train_images_per_s"] == 700.0 and records[2]["small_crop_train_images_per_s"] is None
 
 
 @pytest.mark.parametrize("gpus, probed_batches", [((), [2000]), ((train.GPU(0, "made-up GPU", 24.0),), [2000, 250])])
@@ -210,7 +217,7 @@ def test_the_probe_share_bounds_every_probe_on_a_cpu_and_those_after_the_first_o
     network. On a CPU every probe counts against PROBE_SHARE of the budget."""
     probed = []
 
-    def slow_probe(plan, data, dist, out_dir):
+    def slow_probe(plan, data, dist, out_dir, small_crops=False):
         probed.append(plan["batch_size"])
         time.sleep(0.3)
         return Probe(40000.0, 1500.0, SAVE, 40000.0)  # quick steps: every run fits, the share alone decides
@@ -233,7 +240,7 @@ def test_a_cpu_probe_that_would_pass_the_share_is_not_started(monkeypatch, share
     probed = []
     images_per_s = (train.PROBE_STEPS + 1) * 2 * 250 / 0.1  # batch 250's steps take 0.1 s
 
-    def timed_probe(plan, data, dist, out_dir):
+    def timed_probe(plan, data, dist, out_dir, small_crops=False):
         probed.append(train.probe_batch_size(plan, data, dist))
         time.sleep(0.2 + probed[-1] * 2 * (train.PROBE_STEPS + 1) / images_per_s)
         return Probe(images_per_s, 1500.0, SAVE, images_per_s)
@@ -267,7 +274,7 @@ def test_a_cpu_candidate_whose_shortest_run_cannot_fit_is_not_probed(monkeypatch
     foretold (a new network's kernel search, a small network's idle device)."""
     probed = []
 
-    def instant_probe(plan, data, dist, out_dir):
+    def instant_probe(plan, data, dist, out_dir, small_crops=False):
         probed.append(plan["model"])
         return Probe(6000.0, 1500.0, SAVE, 6000.0)
 
@@ -309,14 +316,14 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
     it is probed backpropagating PROBE_CPU_BATCH images, as many as the plain step."""
     probed = []
 
-    def counted_probe(plan, data, dist, out_dir):
+    def counted_probe(plan, data, dist, out_dir, small_crops=False):
         probed.append((train.probe_batch_size(plan, data, dist), plan["backprop_fraction"]))
         return Probe(400.0 + len(probed), 1500.0, SAVE, 400.0 + len(probed))
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     table = [table_entry(1000, ((4, 85.0),), backprop_fraction=fraction) for fraction in (1.0, 0.5)]
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
-    args = SimpleNamespace(model=None, width_mult=None, batch_size=None, backprop_fraction=None)
+    args = SimpleNamespace(model=None, width_mult=None, batch_size=None, backprop_fraction=None, small_crop_epochs=None)
     cifar10 = SimpleNamespace(key="cifar10")
     candidates, by_time = train.budget_candidates(args, plan, cifar10, table)
     assert not by_time and [c.backprop_fraction for c in candidates] == [1.0, 0.5]
@@ -332,6 +339,18 @@ def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_o
                                                         backprop_fraction=0.5), fixed_plan, cifar10, table)
     assert not by_time and [c.backprop_fraction for c in chosen] == [0.5]
     assert train.candidate_plan(plan, chosen[0])["backprop_fraction"] == 0.5
+    # Small crops the same way, except that --model leaves them to the chooser unless --small-crop-epochs is given.
+    table.append(table_entry(1000, ((4, 85.5),), small_crop_epochs=2))
+    chosen, _ = train.budget_candidates(args_with(args, small_crop_epochs=0), plan, cifar10, table)
+    assert [(c.backprop_fraction, c.small_crop_epochs) for c in chosen] == [(1.0, 0), (0.5, 0)]
+    fixed_plan = train.make_plan(train.Hardware((), 2), precision="fp32", model="SmallCifarNet", batch_size=1000)
+    chosen, _ = train.budget_candidates(args_with(args, model="SmallCifarNet", batch_size=1000), fixed_plan, cifar10,
+                                        table)
+    assert [c.small_crop_epochs for c in chosen] == [0, 2]
+    chosen, _ = train.budget_candidates(args_with(args, model="SmallCifarNet", batch_size=1000, small_crop_epochs=2),
+                                        fixed_plan, cifar10, table)
+    assert [c.small_crop_epochs for c in chosen] == [2]
+    assert train.candidate_plan(plan, chosen[0])["small_crop_epochs"] == 2
 
 
 def args_with(args, **changes):
@@ -383,7 +402,7 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
     planned to end at step 40. Finishing at step 40 leaves seconds_left - 25 - 3 * 2 - 5 spare: the band keeps it
     between 2 and 6 s, the move aims at 4 s."""
     def paced(seconds_left, longest_step=80):
-        return budget.paced_final_step(15, 40, longest_step, 10, seconds_left, 100, 1.0, 0, 1.0, 2.0, 5.0)
+        return budget.paced_final_step(15, 40, longest_step, 10, seconds_left, 100, [(15, 1.0)], 2.0, 5.0)
 
     assert paced(36 + 2) is None and paced(36 + 6) is None  # within the band: the end stays
     assert paced(36 + 1) == 37  # behind (1 s spare): 3 steps sooner leave 4 s
@@ -392,18 +411,20 @@ def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the
     assert paced(10) == 16  # hopeless: end after the next step
     # Steps from 30 on (the stem bias frozen) at 0.5 s: ending at 40 costs 15 + 5 s of steps, 6 s after the epochs
     # and 5 s at the end. With 32 s left that is 1 s spare: behind; ending at 34 leaves 4 s (all at 1 s: 32).
-    assert budget.paced_final_step(15, 40, 80, 10, 32, 100, 1.0, 30, 0.5, 2.0, 5.0) == 34
-    assert budget.paced_final_step(15, 40, 80, 10, 31 + 4, 100, 1.0, 30, 0.5, 2.0, 5.0) is None
+    assert budget.paced_final_step(15, 40, 80, 10, 32, 100, [(15, 1.0), (30, 0.5)], 2.0, 5.0) == 34
+    assert budget.paced_final_step(15, 40, 80, 10, 31 + 4, 100, [(15, 1.0), (30, 0.5)], 2.0, 5.0) is None
 
 
 def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     """The pace is measured over the last epoch's row and the current epoch, each after its first step. A row from
     before a resume (other hardware, perhaps), of an epoch resumed part-way (its seconds are two processes'), or from
     before an out-of-memory retry (another batch size: restore_run sets start_epoch to the retried epoch) is left
-    out; the last row whose stem bias trained counts at the quicker pace the probe measured."""
-    def run_with(*rows, start_epoch=0, began_mid_epoch=False):
+    out; the last row whose stem bias trained, or whose images were small crops, counts at the pace the probe
+    measured for the next epoch's steps."""
+    def run_with(*rows, start_epoch=0, began_mid_epoch=False, small_crop_epochs=0):
         return SimpleNamespace(start_epoch=start_epoch, began_mid_epoch=began_mid_epoch,
-                               plan={"budget": {"frozen_stem_speedup": 1.25}},
+                               plan={"small_crop_epochs": small_crop_epochs,
+                                     "budget": {"frozen_stem_speedup": 1.25, "small_crop_speedup": 1.6}},
                                history={"epochs": [{"epoch": epoch, "seconds": seconds + 2.0, "steps": steps + 1,
                                                     "first_step_seconds": 2.0}
                                                    for epoch, (seconds, steps) in enumerate(rows, 1)]})
@@ -420,6 +441,45 @@ def test_the_pace_pools_only_a_last_epoch_this_process_ended():
     # The last epoch whose stem bias trained (train.STEM_BIAS_EPOCHS = 3), at the pace of the quicker ones after it.
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100))) == (68.0, 100)
     assert train.last_epoch_training(run_with((90.0, 100), (80.0, 100), (85.0, 100), (70.0, 100))) == (70.0, 100)
+    # The last epoch on small crops, at the slower pace of the whole images after it.
+    assert train.last_epoch_training(run_with((50.0, 100), small_crop_epochs=2)) == (50.0, 100)
+    assert train.last_epoch_training(run_with((50.0, 100), (50.0, 100), small_crop_epochs=2)) == (80.0, 100)
+
+
+def test_small_crop_epochs_are_forecast_and_paced_at_their_probed_speed():
+    """Epochs on small crops train at the probe's small-crop speed: more epochs fit, and a configuration measured
+    with them is chosen for what it reaches in the time. The pace control forecasts the steps after the crops end
+    and after the stem bias freezes from the pace it measures, by the probe's ratios."""
+    probe = Probe(500, 1500, SAVE, 600, 800)  # crops 1.6 times quicker, the frozen stem 1.2 times
+    assert budget.training_seconds(probe, CIFAR10, 5, small_crop_epochs=2) == \
+        pytest.approx(50_000 * (2 / 800 + 1 / 500 + 2 / 600))
+    assert budget.training_seconds(probe, CIFAR10, 1.5, small_crop_epochs=2) == pytest.approx(50_000 * 1.5 / 800)
+    # Crops past the stem bias's epochs: quicker by both ratios.
+    assert budget.training_seconds(probe, CIFAR10, 5, small_crop_epochs=4) == \
+        pytest.approx(50_000 * (3 / 800 + 1 / (600 * 1.6) + 1 / 600))
+    assert budget.training_seconds(Probe(500, 1500, SAVE, 600), CIFAR10, 5, small_crop_epochs=2) == \
+        budget.training_seconds(probe, CIFAR10, 5)  # not probed on crops: counted as whole images
+
+    table = [table_entry(2000, ((4, 88.0), (8, 91.0))), table_entry(2000, ((4, 87.8), (8, 90.9)), small_crop_epochs=2)]
+    plain, cropped = budget.table_candidates(table, "cpu", "fp32")
+    assert cropped.small_crop_epochs == 2 and cropped.label.endswith(", first 2 epochs on small crops")
+    choice = budget.choose([plain, cropped], [probe, probe], CIFAR10, 720, tta=2)  # 7.7 epochs against 6.8
+    assert choice.best.candidate is cropped and choice.runner_up.candidate is plain
+    assert choice.best.epochs > choice.runner_up.epochs and choice.best.accuracy > choice.runner_up.accuracy
+    assert choice.best.seconds == pytest.approx(budget.forecast_seconds(probe, CIFAR10, choice.best.epochs, 2, 2))
+
+    plan = {"small_crop_epochs": 2, "budget": {"frozen_stem_speedup": 1.25, "small_crop_speedup": 1.6}}
+    assert train.step_paces(plan, 5, 10, 1.0) == [(5, 1.0), (20, pytest.approx(1.6)), (30, pytest.approx(1.28))]
+    assert train.step_paces(plan, 25, 10, 1.0) == [(25, 1.0), (30, pytest.approx(0.8))]
+    assert train.step_paces(plan, 35, 10, 1.0) == [(35, 1.0)]
+    # At step 5 of a run planned to end at step 40 (10 steps an epoch, 2 s after each, 5 at the end, 100 s budget):
+    # 15 crop steps, 10 whole, 10 frozen take 15 + 16 + 12.8 s; with 43.8 + 4 * 2 + 5 + 4 s left the end stays.
+    paces = train.step_paces(plan, 5, 10, 1.0)
+    assert budget.paced_final_step(5, 40, 80, 10, 60.8, 100, paces, 2.0, 5.0) is None
+    # 3 s fewer leave 1 s spare, under the band's 2: ending 3 frozen steps (1.28 s each) sooner leaves the 4 s margin,
+    # 2 would not. Taken at the crops' pace throughout, the same run would look ahead and be lengthened.
+    assert budget.paced_final_step(5, 40, 80, 10, 57.8, 100, paces, 2.0, 5.0) == 37
+    assert budget.paced_final_step(5, 40, 80, 10, 57.8, 100, [(5, 1.0)], 2.0, 5.0) > 40
 
 
 def test_the_pace_leaves_out_the_runs_slow_first_step(tiny_data, tmp_path, monkeypatch):
@@ -491,7 +551,8 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
 
 
 def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny_data, tmp_path):
-    flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "1", "--seed", "0", "--data-dir", tiny_data]
+    flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "1", "--seed", "0", "--data-dir", tiny_data,
+             "--small-crop-epochs", "1"]
     process = start_trainer("--budget", "18s", *flags, "--out-dir", tmp_path)
     wait_for_line(process, "[epoch 1/")
     process.send_signal(signal.SIGINT)
@@ -499,6 +560,11 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     planned = state["plan"]
     assert planned["budget"]["seconds"] == 18 and state["seconds_spent"] > 0
+    # The first epoch on small crops: the probe timed them, and the forecast counts their speed.
+    probe, = planned["budget"]["probes"]
+    assert planned["small_crop_epochs"] == 1 and planned["epochs"] >= 2
+    assert planned["budget"]["small_crop_speedup"] == \
+        pytest.approx(probe["small_crop_train_images_per_s"] / probe["train_images_per_s"], rel=1e-2)
 
     refused = run_cli("--resume", "--out-dir", tmp_path, "--budget", "1h")
     assert refused.returncode == 2 and "is a run with --budget 18 s, but --budget 1 h 0 min was given" in refused.stderr

@@ -140,6 +140,23 @@ def test_batches_cover_every_image_once_and_flips_alternate():
     assert all(flipped_by_epoch[0][i] != flipped_by_epoch[1][i] for i in range(n))
 
 
+def test_small_crop_epochs_yield_windows_of_the_whole_images_then_whole_images():
+    images = torch.randint(0, 255, (48, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(48)
+    whole = TrainBatches(images, labels, NORMALIZATION, 16, seed=5)
+    cropped = TrainBatches(images, labels, NORMALIZATION, 16, seed=5, small_crop_epochs=1)
+    corners = set()
+    for (full, y), (crop, y_crop) in zip(whole.epoch(0), cropped.epoch(0)):
+        assert crop.shape == (16, 3, 24, 24) and torch.equal(y, y_crop)  # the same images, order and augmentation
+        # One window of the batch's translated images, anywhere inside them.
+        found = [(top, left) for top in range(9) for left in range(9)
+                 if torch.equal(crop, full[:, :, top:top + 24, left:left + 24])]
+        assert len(found) == 1
+        corners.add(found[0])
+    assert len(corners) > 1  # each batch draws its own window
+    assert all(inputs.shape == (16, 3, 32, 32) for inputs, _ in cropped.epoch(1))
+
+
 def test_same_seed_same_batches():
     images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
     a = [x for x, _ in TrainBatches(images, torch.arange(40), NORMALIZATION, 8, seed=3).epoch(0)]

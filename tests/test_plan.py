@@ -113,6 +113,9 @@ def test_user_overrides_win():
     assert make_plan(gpus(RTX3090))["backprop_fraction"] == 1.0  # every example, unless --backprop-fraction
     plan = make_plan(gpus(RTX3090), backprop_fraction=0.5)
     assert plan["backprop_fraction"] == 0.5 and plan["reasons"]["backprop_fraction"] == "set by --backprop-fraction"
+    assert make_plan(gpus(RTX3090))["small_crop_epochs"] == 0  # whole images, unless --small-crop-epochs
+    plan = make_plan(gpus(RTX3090), small_crop_epochs=2)
+    assert plan["small_crop_epochs"] == 2 and plan["reasons"]["small_crop_epochs"] == "set by --small-crop-epochs"
 
 
 def test_disable_auto_uses_documented_defaults_and_the_first_gpu():

@@ -29,16 +29,18 @@ def final_weights(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--tta", 0)
+    result = run_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", out, *TINY, "--tta", 0,
+                         "--small-crop-epochs", 2)
     assert result.returncode == 0, result.stderr
     return out
 
 
 def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(uninterrupted, tiny_data, tmp_path):
-    """Also shows that --seed fixes a CPU run: the resumed run's numbers equal another process's run.
+    """Also shows that --seed fixes a CPU run: the resumed run's numbers equal another process's run. The first two
+    epochs train on small crops, so the run stops in one and resumes its crops, then goes on to whole images.
     (SIGTERM, exit code 143: test_beyond_cifar10's image-folder resume.)"""
     process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
-                            "--tta", 0)
+                            "--tta", 0, "--small-crop-epochs", 2)
     wait_for_line(process, "[epoch 1/3]")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
