@@ -276,7 +276,11 @@ def make_plan(hw, *, epochs=None, batch_size=None, lr=None, weight_decay=None, d
     plan["epochs"], reasons["epochs"] = _given_or(epochs, tier_epochs, "--epochs", "the default for this tier")
     plan["small_crop_epochs"], reasons["small_crop_epochs"] = _given_or(
         small_crop_epochs, 0, "--small-crop-epochs", "every epoch trains on whole images")
-    if plan["small_crop_epochs"] >= plan["epochs"] and not budget_seconds:
+    # The model is evaluated on whole images: some epoch must train on them.
+    if budget_seconds and plan["small_crop_epochs"] >= budget.MAX_EPOCHS_BY_TIME:
+        raise UserError(f"--small-crop-epochs {plan['small_crop_epochs']} leaves no epoch on whole images within the "
+                        f"{budget.MAX_EPOCHS_BY_TIME} that --budget trains at most; give fewer.")
+    if not budget_seconds and plan["small_crop_epochs"] >= plan["epochs"]:
         raise UserError(f"--small-crop-epochs {plan['small_crop_epochs']} leaves none of the {plan['epochs']} epochs "
                         f"on whole images, which the model is evaluated on; give fewer, or more --epochs.")
     plan["precision"], reasons["precision"] = choose_precision(group, hw.cpu_bf16, precision)
@@ -535,7 +539,8 @@ def print_plan(plan):
     print(f"[plan] weight decay: {plan['weight_decay']:.4g} ({r['weight_decay']})")
     print(f"[plan] epochs: {plan['epochs']} ({r['epochs']})")
     if plan["small_crop_epochs"]:
-        print(f"[plan] small crops: the first {plan['small_crop_epochs']} epochs train on random crops of "
+        epochs = "epoch trains" if plan["small_crop_epochs"] == 1 else f"{plan['small_crop_epochs']} epochs train"
+        print(f"[plan] small crops: the first {epochs} on random crops of "
               f"{SMALL_CROP_SIDE:.0%} of the image's side ({r['small_crop_epochs']})")
     print(f"[plan] precision: {plan['precision']} ({r['precision']})")
     print(f"[plan] threads: {plan['threads']} ({r['threads']})")
@@ -655,7 +660,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
     for index in sorted(range(len(candidates)), key=cost.__getitem__):
         candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
         trial_plan = candidate_plan(plan, candidate)
-        work = step_work(cost[index], key[-1], candidate.backprop_fraction)
+        work = step_work(cost[index], key[-1], candidate.backprop_fraction) * probe_step_sets(key in small_crop_keys)
         foretold = shortest_run_seconds = 0.0  # of this probe, and of its shortest measured run's training steps
         if last and not start_exempt:
             last_seconds, last_steps_seconds, last_work, last_index = last
@@ -726,6 +731,11 @@ def probe_steps_seconds(probe, batch):
     return (PROBE_STEPS + 1) * batch * sum(1 / speed for speed in speeds if speed)
 
 
+def probe_step_sets(small_crops):
+    """The probe's timed steps in whole-image steps' work: both stem states, and crops (fewer pixels) if timed."""
+    return 2 + (SMALL_CROP_SIDE ** 2 if small_crops else 0)
+
+
 def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     """A CPU probe's seconds, foretold from the last probe's: its steps' seconds scaled by their work (step_work), and
     the rest (building the model, first allocations, an evaluation, the checkpoints) as long as the last one's. Scaled
@@ -735,13 +745,14 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
 
 def foretold_shortest_run_seconds(last_probe, last_candidate, last_macs, candidate, macs, train_images):
     """The training steps' seconds of a CPU candidate's shortest measured run (its first table point), foretold from
-    the last probe's: its seconds per image (both stem states' speeds alike) scaled by work per image (step_work). It
-    is left out only above SHORTEST_RUN_OVERESTIMATE times the budget left: even read that slow, its steps alone
-    would fill the budget, before its evaluations and finish."""
+    the last probe's: its seconds per image (both stem states' speeds alike) scaled by work per image (step_work), its
+    small-crop epochs by their fewer pixels. It is left out only above SHORTEST_RUN_OVERESTIMATE times the budget
+    left: even read that slow, its steps alone would fill the budget, before its evaluations and finish."""
     seconds_per_image = (1 / last_probe.train_images_per_s + 1 / last_probe.frozen_stem_train_images_per_s) / 2
     work_ratio = (step_work(macs, 1, candidate.backprop_fraction)
                   / step_work(last_macs, 1, last_candidate.backprop_fraction))
-    return candidate.points[0][0] * train_images * seconds_per_image * work_ratio
+    epochs = candidate.points[0][0] - candidate.small_crop_epochs * (1 - SMALL_CROP_SIDE ** 2)
+    return epochs * train_images * seconds_per_image * work_ratio
 
 
 def probe_batch_size(plan, data, dist):

@@ -5,7 +5,7 @@
     python bench/accuracy_table.py --model SmallCifarNet --precision fp32 --batch-size 1000 --backprop-fraction 0.5 \
         --epochs 3 6 8
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision fp32 --small-crop-epochs 2 \
-        --epochs 5 6 8
+        --epochs 4 6 8
     python bench/accuracy_table.py --model PowerCifarNet --width-mult 1.0 --precision bf16 --epochs 10 --seeds 1 2
 
 Each point is one real `python train.py --seed S --epochs E` run on the full CIFAR-10 in --data-dir (on this

@@ -40,7 +40,7 @@ def main():
     for entry in budget.load_table():
         points = budget.entry_points(entry)
         label = budget.Candidate(entry["model"], entry["model_kwargs"], entry["precision"], entry["batch_size"],
-                                 entry["backprop_fraction"]).label
+                                 entry["backprop_fraction"], entry["small_crop_epochs"]).label
         curves[f"{label} ({entry['device_type']})"] = points
     print("interpolation | points | mean error | mean |error| | largest |error| | forecast above measured")
     ways = [(f"epochs**{power:g}", along(power)) for power in POWERS] + [("the trainer's", budget.expected_accuracy)]

@@ -70,6 +70,8 @@ FLAG_CASES = {
     "small crops negative": (["--small-crop-epochs", "-1"], "--small-crop-epochs must be 0 or more, got -1"),
     "small crops every epoch": (["--epochs", "2", "--small-crop-epochs", "2"],
                                 "--small-crop-epochs 2 leaves none of the 2 epochs on whole images"),
+    "small crops every budgeted epoch": (["--budget", "1h", "--small-crop-epochs", "50"],
+                                         "--small-crop-epochs 50 leaves no epoch on whole images within the 50"),
     "lr nan": (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
     "lr negative": (["--lr", "-0.1"], "--lr must be a positive finite number"),
     "weight decay inf": (["--weight-decay", "inf"], "--weight-decay must be a finite number"),

@@ -158,6 +158,7 @@ def test_the_repository_table_is_well_formed():
         runs = [(p["epochs"], p["seed"]) for p in entry["points"]]  # one point per epoch count and seed
         assert runs == sorted(set(runs)) and all(0 < p["test_acc_tta"] < 100 for p in entry["points"])
         assert 0 < entry["backprop_fraction"] <= 1
+        assert 0 <= entry["small_crop_epochs"] < entry["points"][0]["epochs"]  # whole images in every point's run
     assert budget.table_candidates(table, "cpu", "fp32")[0].model == "SmallCifarNet"
     configurations = [json.dumps({k: v for k, v in entry.items() if k not in ("points", "source")}, sort_keys=True)
                       for entry in table]

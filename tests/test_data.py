@@ -157,6 +157,22 @@ def test_small_crop_epochs_yield_windows_of_the_whole_images_then_whole_images()
     assert all(inputs.shape == (16, 3, 32, 32) for inputs, _ in cropped.epoch(1))
 
 
+def test_a_resumed_crop_epoch_and_each_ranks_share_cut_the_same_windows():
+    """A resume sets the data generator back to the epoch's start and skips the batches done: the rest must be
+    the same crops. Under torchrun each rank takes its slice of every global batch, cut by the same window."""
+    images = torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8)
+    batches = TrainBatches(images, torch.arange(64), NORMALIZATION, 16, seed=2, small_crop_epochs=2)
+    epoch_start = batches.generator.get_state()
+    whole_epoch = [x for x, _ in batches.epoch(0)]
+    batches.generator.set_state(epoch_start)
+    resumed = [x for x, _ in batches.epoch(0, skip=2)]
+    assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, whole_epoch[2:]))
+    ranks = [TrainBatches(images, torch.arange(64), NORMALIZATION, 16, seed=2, rank=r, world_size=2,
+                          small_crop_epochs=2) for r in (0, 1)]
+    for whole, half0, half1 in zip(whole_epoch, *([x for x, _ in rank.epoch(0)] for rank in ranks)):
+        assert torch.equal(torch.cat([half0, half1]), whole)
+
+
 def test_same_seed_same_batches():
     images = torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8)
     a = [x for x, _ in TrainBatches(images, torch.arange(40), NORMALIZATION, 8, seed=3).epoch(0)]

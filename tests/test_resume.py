@@ -37,7 +37,8 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 def test_ctrl_c_saves_and_resume_matches_the_uninterrupted_run(uninterrupted, tiny_data, tmp_path):
     """Also shows that --seed fixes a CPU run: the resumed run's numbers equal another process's run. The first two
-    epochs train on small crops, so the run stops in one and resumes its crops, then goes on to whole images.
+    epochs train on small crops, so the run usually stops in the second and resumes its crops (test_data shows a
+    resumed crop epoch cuts the same windows), then goes on to whole images.
     (SIGTERM, exit code 143: test_beyond_cifar10's image-folder resume.)"""
     process = start_trainer("--epochs", 3, "--seed", 7, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY,
                             "--tta", 0, "--small-crop-epochs", 2)
