@@ -793,7 +793,7 @@ def probe_throughput(plan, data, dist, out_dir, small_crops=False):
         step_seconds = timed(step, PROBE_STEPS)
         small_crop_step_seconds = None
         if small_crops:  # a window as TrainBatches cuts: fewer pixels, and new kernels for the shape
-            side = round(SMALL_CROP_SIDE * inputs.shape[-1])
+            side = small_crop_side(inputs.shape[-1])
             crops = inputs[:, :, :side, :side].contiguous(memory_format=torch.channels_last)
             small_crop_step_seconds = timed(lambda: step(crops), PROBE_STEPS)
         # After STEM_BIAS_EPOCHS the stem bias freezes (train_one_epoch), and the conv after the stem no longer
@@ -994,6 +994,11 @@ def translate_batch(images, shifts):
     return padded.flatten(2).gather(2, flat_index).view(n, c, h, w)
 
 
+def small_crop_side(image_side):
+    """The side of a small crop: what training cuts and the probe times."""
+    return round(SMALL_CROP_SIDE * image_side)
+
+
 class TrainBatches:
     """Shuffled, augmented training batches drawn from the on-device uint8 dataset.
 
@@ -1011,7 +1016,7 @@ class TrainBatches:
     def __init__(self, images, labels, normalization, batch_size, seed, rank=0, world_size=1, small_crop_epochs=0):
         self.images, self.labels, self.normalization = images, labels, normalization
         self.batch_size, self.small_crop_epochs = batch_size, small_crop_epochs
-        self.small_crop = round(SMALL_CROP_SIDE * images.shape[-1])
+        self.small_crop = small_crop_side(images.shape[-1])
         self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         flip_gen = torch.Generator(device="cpu").manual_seed(seed)
         self.first_flips = (torch.rand(len(images), generator=flip_gen) < 0.5).to(images.device)
