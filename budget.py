@@ -259,6 +259,15 @@ def choose(candidates, probes, workload, budget_seconds, tta, by_time=False):
     return Choice(best, runner_up, at_the_end and not by_time)
 
 
+def best_forecast_accuracy(candidates, probes, workload, budget_seconds, tta):
+    """The best forecast accuracy of these candidates (parallel probes, None: not measured) within the budget; None
+    where none of them has a probe, table points and a run that fits."""
+    try:
+        return choose(candidates, probes, workload, budget_seconds, tta).best.accuracy
+    except (NoFit, ValueError):
+        return None
+
+
 def paced_final_step(step, final_step, longest_step, steps_per_epoch, seconds_left, budget_seconds, step_paces,
                      epoch_overhead_seconds, final_seconds):
     """The pace control's decision at `step`, part-way through an epoch, with seconds_left before the deadline: the

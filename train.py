@@ -565,8 +565,8 @@ PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU, where a 
 # are those of 2000 on some CPUs and below them on others (measured); the pace control makes that up in epoch 1
 FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (measured under it on a fast CPU; see RESULTS)
-SHORTEST_RUN_OVERESTIMATE = 1.25  # the most a CPU probe's foretelling of another network's training steps may read
-# them slow: it overestimated PowerCifarNet's 1.23 times from SmallCifarNet's probe (see RESULTS)
+FORETELLING_OVERESTIMATE = 1.6  # the most a CPU probe's foretelling of another network's speed may read it slow: it
+# read PowerCifarNet's training steps 1.17 to 1.59 times slow from SmallCifarNet's probe (see RESULTS)
 
 
 def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
@@ -574,17 +574,9 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     model when --model or another dataset fixes it), choose, print the forecast and return the chosen plan."""
     candidates, by_time = budget_candidates(args, plan, dataset, budget.load_table())
     budget_seconds = plan["budget"]["seconds"]
-    probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir)
-    validation_images = len(data.val_images) if has_validation(data) else 0
-    # The probe's evaluation rate is every rank's together; the final evaluations run on rank 0 alone (finish_run),
-    # so each of their images counts as many times as there are ranks.
-    ranks = dist.world_size
-    workload = budget.Workload(
-        train_images=len(data.train_images), eval_images=validation_images,
-        final_eval_images=(len(data.test_images) + validation_images) * ranks,
-        spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
-        curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
-        stem_bias_epochs=STEM_BIAS_EPOCHS)
+    probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, budget_workload(data, dist),
+                                       args.tta, out_dir)
+    workload = budget_workload(data, dist)
     try:
         outcome = budget.choose(candidates, probes, workload, budget_seconds, args.tta, by_time)
     except budget.NoFit as no_fit:
@@ -600,6 +592,19 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     chosen = budget_plan(plan, outcome, records, workload, args.tta, by_time)
     print_budget_choice(outcome, budget_seconds)
     return chosen
+
+
+def budget_workload(data, dist):
+    """What a run does besides training steps, for the forecast, with the seconds spent so far."""
+    validation_images = len(data.val_images) if has_validation(data) else 0
+    # The probe's evaluation rate is every rank's together; the final evaluations run on rank 0 alone (finish_run),
+    # so each of their images counts as many times as there are ranks.
+    return budget.Workload(
+        train_images=len(data.train_images), eval_images=validation_images,
+        final_eval_images=(len(data.test_images) + validation_images) * dist.world_size,
+        spent_seconds=time.time() - STARTED, curves_seconds=FORECAST_CURVES_SECONDS,
+        curves_every_seconds=CURVES_EVERY_SECONDS, report_seconds=FORECAST_REPORT_SECONDS,
+        stem_bias_epochs=STEM_BIAS_EPOCHS)
 
 
 def budget_candidates(args, plan, dataset, table):
@@ -631,15 +636,15 @@ def candidate_plan(plan, candidate):
                 small_crop_epochs=candidate.small_crop_epochs)
 
 
-def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
-    """Measure each candidate's training and evaluation images/s and checkpoint time here, cheapest first, within
-    PROBE_SHARE of the budget. Returns the probes (None: not measured) parallel to candidates, and what to print and
-    keep of them."""
+def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta, out_dir):
+    """Measure each candidate's training and evaluation images/s and checkpoint time here, within PROBE_SHARE of the
+    budget: the cheapest first, then on a CPU those that could win first. Returns the probes (None: not measured)
+    parallel to candidates, and what to print and keep of them."""
     probes, records, started = [None] * len(candidates), [None] * len(candidates), time.time()
     # On a GPU the first probe is needed whatever it costs: most of its time is the device's one-time start that
     # training would pay anyway (its context, cuDNN's kernel search; seconds, against milliseconds a step). The share
     # bounds the probes after it. On a CPU there is no such start: every probe counts.
-    spent, start_exempt = 0.0, torch.device(plan["device"]).type == "cuda"
+    spent, on_gpu = 0.0, torch.device(plan["device"]).type == "cuda"
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
     # One probe per network, backprop fraction and probe batch: on a CPU every batch size is probed backpropagating
@@ -650,44 +655,59 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, out_dir):
              probe_batch_size(candidate_plan(plan, c), data, dist)) for c in candidates]
     # A probe times small crops too where any candidate it measures trains on them.
     small_crop_keys = {key for key, c in zip(keys, candidates) if c.small_crop_epochs}
-    # On a CPU a probe's steps take time in proportion to their work, so the next probe's seconds are foretold from
-    # the last one's (foretold_probe_seconds), and a probe that would pass the share is not started (a wide network's
-    # is several times a small one's). On a GPU they do not (a new network's kernel search, a small network's idle
-    # device): only the seconds spent are counted.
-    # The same foretelling leaves out a candidate whose shortest measured run cannot fit the budget whatever its probe
-    # says: a 1.5-wide network's probe took half of a 10-minute budget's share on a bf16 CPU, for a run of 16 minutes.
+    # On a CPU a probe's steps take time in proportion to their work, so the last probe foretells the others (a wide
+    # network's probe is several times a small one's; bench/RESULTS.md):
+    # - its seconds (foretold_probe_seconds): a probe that would pass the share is not started;
+    # - its speed, read FORETELLING_OVERESTIMATE times quick (foretold_probe): the accuracy the candidate could reach
+    #   at best. The one that could reach the most is probed next, and one with no run that fits is left out.
+    #   Cheapest first, a 10-minute fp32 budget's two small-network probes spent 16 s of its 30 s share, and
+    #   PowerCifarNet, foretold at 15.6 s, was left out though it would have won.
+    # On a GPU they do not (a new network's kernel search, a small network's idle device): the cheapest goes first,
+    # and only the seconds spent are counted.
+    # On either, a candidate whose table tops out below the forecast for what was measured cannot win: not probed.
     last, share = None, PROBE_SHARE * budget_seconds  # last: (seconds, its steps' seconds, its step's work, index)
-    for index in sorted(range(len(candidates)), key=cost.__getitem__):
-        candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
-        trial_plan = candidate_plan(plan, candidate)
-        work = step_work(cost[index], key[-1], candidate.backprop_fraction)
-        foretold = shortest_run_seconds = 0.0  # of this probe, and of its shortest measured run's training steps
-        if last and not start_exempt:
+    waiting = sorted(range(len(candidates)), key=cost.__getitem__)
+    while waiting:
+        now = dataclasses.replace(workload, spent_seconds=workload.spent_seconds + time.time() - started)
+        could_reach = {}  # index -> the best accuracy it could reach, foretold (None: no run fits)
+        if last and not on_gpu:
             last_seconds, last_steps_seconds, last_work, last_index = last
-            foretold = foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work)
-            if candidate.points:
-                shortest_run_seconds = foretold_shortest_run_seconds(
-                    probes[last_index], candidates[last_index], cost[last_index], candidate, cost[index],
-                    len(data.train_images))
+            could_reach = {i: budget.best_forecast_accuracy(
+                [candidates[i]], [foretold_probe(probes[last_index], candidates[last_index], cost[last_index],
+                                                 candidates[i], cost[i])], now, budget_seconds, tta)
+                for i in waiting if candidates[i].points}
+            waiting.sort(key=lambda i: -(could_reach.get(i) or -math.inf))  # stable: cheapest first among equals
+        index = dist.broadcast_object(waiting[0])  # every rank probes the same candidates: each step is a collective
+        waiting.remove(index)
+        candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
+        work = step_work(cost[index], key[-1], candidate.backprop_fraction)
+        foretold = foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work) \
+            if last and not on_gpu else 0.0
+        measured_best = budget.best_forecast_accuracy(candidates, probes, now, budget_seconds, tta)
         if key in probed:
             probes[index], measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
-        elif shortest_run_seconds > SHORTEST_RUN_OVERESTIMATE * (budget_seconds - spent):
-            skip = (f"not probed: its shortest measured run, {candidate.points[0][0]:g} epochs, is foretold at "
-                    f"{budget.duration_text(shortest_run_seconds)} of training steps alone (from "
-                    f"{candidates[last_index].label}'s probe), too long for the budget")
+        elif index in could_reach and could_reach[index] is None:
+            shortest = candidate.points[0][0]
+            skip = (f"not probed: even {FORETELLING_OVERESTIMATE:g} times quicker than the probe of "
+                    f"{candidates[last_index].label} foretells, its shortest measured run ({shortest:g} "
+                    f"epoch{'s' * (shortest != 1)}) would not fit the budget")
+        elif candidate.points and measured_best is not None and candidate.points[-1][1] < measured_best:
+            longest, most = candidate.points[-1]
+            skip = (f"not probed: the most its table holds, {most:.2f}% after {longest:g} epochs, is below the "
+                    f"{measured_best:.2f}% forecast for what was measured")
         elif spent > share:
             skip = f"not probed: the probes' share of the budget ({PROBE_SHARE:.0%}, {share:.1f}s) is spent"
         elif spent + foretold > share:
             skip = (f"not probed: foretold at {foretold:.1f}s, it would take the probes past their share of the "
                     f"budget ({PROBE_SHARE:.0%}, {share:.1f}s; {spent:.1f}s spent)")
-        skip = dist.broadcast_object(skip)  # every rank probes the same candidates: each step is a collective
+        skip = dist.broadcast_object(skip)
         if skip is None and not shared:
             t0 = time.time()
-            probes[index] = dist.broadcast_object(probe_throughput(trial_plan, data, dist, out_dir,
-                                                                   small_crops=key in small_crop_keys))
+            probes[index] = dist.broadcast_object(probe_throughput(candidate_plan(plan, candidate), data, dist,
+                                                                   out_dir, small_crops=key in small_crop_keys))
             probe_seconds = time.time() - t0
-            spent += probe_seconds if probed or not start_exempt else 0.0
+            spent += probe_seconds if probed or not on_gpu else 0.0
             if probes[index] is not None:  # one that ran out of memory stopped early
                 last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work, index
             probed[key] = probes[index], candidate.label
@@ -741,16 +761,21 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
 
 
-def foretold_shortest_run_seconds(last_probe, last_candidate, last_macs, candidate, macs, train_images):
-    """The training steps' seconds of a CPU candidate's shortest measured run (its first table point), foretold from
-    the last probe's: its seconds per image (both stem states' speeds alike) scaled by work per image (step_work), its
-    small-crop epochs by their fewer pixels. It is left out only above SHORTEST_RUN_OVERESTIMATE times the budget
-    left: even read that slow, its steps alone would fill the budget, before its evaluations and finish."""
-    seconds_per_image = (1 / last_probe.train_images_per_s + 1 / last_probe.frozen_stem_train_images_per_s) / 2
-    work_ratio = (step_work(macs, 1, candidate.backprop_fraction)
-                  / step_work(last_macs, 1, last_candidate.backprop_fraction))
-    epochs = candidate.points[0][0] - candidate.small_crop_epochs * (1 - SMALL_CROP_SIDE ** 2)
-    return epochs * train_images * seconds_per_image * work_ratio
+def foretold_probe(last_probe, last_candidate, last_macs, candidate, macs):
+    """A CPU candidate's probe as the last one foretells it, read FORETELLING_OVERESTIMATE times quick: the most its
+    own could measure. Training speeds scale by work per image (step_work), evaluation by multiply-adds per image,
+    small crops by their fewer pixels where the last probe did not time them; the checkpoints take the last's time."""
+    quicker = FORETELLING_OVERESTIMATE * (step_work(last_macs, 1, last_candidate.backprop_fraction)
+                                          / step_work(macs, 1, candidate.backprop_fraction))
+    small_crop_speedup = last_probe.small_crop_speedup if last_probe.small_crop_train_images_per_s \
+        else 1 / SMALL_CROP_SIDE ** 2
+    return budget.Probe(
+        train_images_per_s=last_probe.train_images_per_s * quicker,
+        eval_images_per_s=last_probe.eval_images_per_s * FORETELLING_OVERESTIMATE * last_macs / macs,
+        save_seconds=last_probe.save_seconds,
+        frozen_stem_train_images_per_s=last_probe.frozen_stem_train_images_per_s * quicker,
+        small_crop_train_images_per_s=last_probe.train_images_per_s * quicker * small_crop_speedup
+        if candidate.small_crop_epochs else None)
 
 
 def probe_batch_size(plan, data, dist):
