@@ -676,7 +676,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
                 [candidates[i]], [foretold_probe(probes[last_index], candidates[last_index], cost[last_index],
                                                  candidates[i], cost[i])], now, budget_seconds, tta)
                 for i in waiting if candidates[i].points}
-            waiting.sort(key=lambda i: -(could_reach.get(i) or -math.inf))  # stable: cheapest first among equals
+            waiting.sort(key=lambda i: (-(could_reach.get(i) or -math.inf), cost[i]))  # cheapest first among equals
         index = dist.broadcast_object(waiting[0])  # every rank probes the same candidates: each step is a collective
         waiting.remove(index)
         candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
@@ -757,14 +757,17 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     whole, a small network's probe foretold PowerCifarNet's at nearly twice its seconds (bench/RESULTS.md).
     A probe's steps on small crops (about 3 s of PowerCifarNet's in fp32) are not counted: this already reads that
     network's probe 10-15% slow, and counted, they took a 10-minute budget's probes past their share on paper, so
-    the network was left out, where probing it with them took 28.7 s in all, within the 30 s (bench/RESULTS.md)."""
+    the network was left out, where probing it with them took 28.7 s in all, within the 30 s (bench/RESULTS.md).
+    Foretold the other way, from a larger network's probe, a smaller one's steps read quick, so its probe may pass
+    the share by a few seconds (a small network's steps take a few seconds in all)."""
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
 
 
 def foretold_probe(last_probe, last_candidate, last_macs, candidate, macs):
     """A CPU candidate's probe as the last one foretells it, read FORETELLING_OVERESTIMATE times quick: the most its
     own could measure. Training speeds scale by work per image (step_work), evaluation by multiply-adds per image,
-    small crops by their fewer pixels where the last probe did not time them; the checkpoints take the last's time."""
+    small crops by their fewer pixels where the last probe did not time them; the checkpoints take the last's time
+    (a tenth of a second a save, whichever network: too little to matter)."""
     quicker = FORETELLING_OVERESTIMATE * (step_work(last_macs, 1, last_candidate.backprop_fraction)
                                           / step_work(macs, 1, candidate.backprop_fraction))
     small_crop_speedup = last_probe.small_crop_speedup if last_probe.small_crop_train_images_per_s \
