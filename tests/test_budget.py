@@ -43,6 +43,19 @@ def probe_all(plan, candidates, budget_seconds):
                                   out_dir=None)
 
 
+def instant_probes(monkeypatch):
+    """Make train.probe_throughput return at once, 6,000 training images/s; returns the list of the networks it
+    probes, in order."""
+    probed = []
+
+    def instant_probe(plan, data, dist, out_dir, small_crops=False):
+        probed.append(plan["model"])
+        return Probe(6000.0, 1500.0, SAVE, 6000.0)
+
+    monkeypatch.setattr(train, "probe_throughput", instant_probe)
+    return probed
+
+
 def latest_fitting_epochs(candidate, probe, workload, budget_seconds):
     limit = budget_seconds * (1 - budget.MARGIN)
     return max(e for e in budget.epoch_grid(candidate, by_time=False)
@@ -280,13 +293,7 @@ def test_a_cpu_candidate_whose_shortest_run_cannot_fit_is_not_probed(monkeypatch
     0 s, fits either budget's share. Before, it was probed though it could not fit: a 1.5-wide network's probe took
     16 s of a 10-minute budget on a bf16 CPU, for a run of 16 minutes. A GPU's probes are not foretold (a new
     network's kernel search, a small network's idle device)."""
-    probed = []
-
-    def instant_probe(plan, data, dist, out_dir, small_crops=False):
-        probed.append(plan["model"])
-        return Probe(6000.0, 1500.0, SAVE, 6000.0)
-
-    monkeypatch.setattr(train, "probe_throughput", instant_probe)
+    probed = instant_probes(monkeypatch)
     plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
     long_power = dataclasses.replace(POWER, points=((40, 90.0), (50, 91.0)))
     probes, records = probe_all(plan, [long_power, SMALL], budget_seconds)
@@ -330,13 +337,7 @@ def test_after_the_first_probe_a_cpu_probes_first_what_could_win_and_leaves_out_
 def test_on_any_device_a_candidate_whose_table_tops_out_below_what_was_measured_is_not_probed(monkeypatch, gpus):
     """SmallCifarNet, probed first, is forecast its table's 89% in the budget; a Selective-Backprop configuration
     whose table stops at 80% cannot beat that at any speed, on a CPU or a GPU: its probe would only spend the share."""
-    probed = []
-
-    def instant_probe(plan, data, dist, out_dir, small_crops=False):
-        probed.append(plan["model"])
-        return Probe(6000.0, 1500.0, SAVE, 6000.0)
-
-    monkeypatch.setattr(train, "probe_throughput", instant_probe)
+    probed = instant_probes(monkeypatch)
     plan = train.make_plan(train.Hardware(gpus, 2), precision="fp32")
     capped = dataclasses.replace(SMALL, batch_size=1000, backprop_fraction=0.5, points=((1, 70.0), (2, 80.0)))
     probes, records = probe_all(plan, [SMALL, capped], budget_seconds=145)
