@@ -2592,9 +2592,10 @@ class Dist:
     def close(self):
         """Leave the process group together, before Python shuts down.
 
-        The barrier carries no tensors: once it returns, gloo's worker threads have let go of the tensors of
-        earlier collectives. A worker still holding one while the interpreter shuts down aborts the process
-        ("terminate called without an active exception"; seen in 2-rank CPU runs without the barrier).
+        The barrier carries no tensors: once it returns, gloo's worker threads have finished the earlier
+        collectives. A worker still holding one's tensors while the interpreter shuts down aborts the process
+        ("terminate called without an active exception"; seen in 2-rank CPU runs without the barrier, and once in
+        a 3-rank run with it), so cli() also ends a rank without the interpreter's teardown.
         """
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -3110,6 +3111,15 @@ def cli():
     except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
         print("\n[stop] interrupted before training started; nothing was written", file=sys.stderr)
         code = EXIT_SIGINT
+    if Dist.from_environment().world_size > 1:
+        # A torchrun rank leaves without the interpreter's teardown. gloo's worker threads may still hold the last
+        # collective's work, whose tensors need the GIL to be freed; freed during Python's shutdown, one aborts the
+        # rank ("terminate called without an active exception", SIGABRT) after a complete run, and torchrun then
+        # reports the run failed (seen once in a 3-rank CPU run, despite Dist.close's barrier). Every file is
+        # written and closed by now; only the standard streams need flushing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
