@@ -3115,8 +3115,8 @@ def cli():
         # A torchrun rank leaves without the interpreter's teardown. gloo's worker threads may still hold the last
         # collective's work, whose tensors need the GIL to be freed; freed during Python's shutdown, one aborts the
         # rank ("terminate called without an active exception", SIGABRT) after a complete run, and torchrun then
-        # reports the run failed (seen once in a 3-rank CPU run, despite Dist.close's barrier). Every file is
-        # written and closed by now; only the standard streams need flushing.
+        # reports the run failed (seen once in a 3-rank CPU run, despite Dist.close's barrier; a failed rank never
+        # destroys its group). Every file is written and closed by now; only the standard streams need flushing.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
