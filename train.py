@@ -3112,11 +3112,9 @@ def cli():
         print("\n[stop] interrupted before training started; nothing was written", file=sys.stderr)
         code = EXIT_SIGINT
     if Dist.from_environment().world_size > 1:
-        # A torchrun rank leaves without the interpreter's teardown. gloo's worker threads may still hold the last
-        # collective's work, whose tensors need the GIL to be freed; freed during Python's shutdown, one aborts the
-        # rank ("terminate called without an active exception", SIGABRT) after a complete run, and torchrun then
-        # reports the run failed (seen once in a 3-rank CPU run, despite Dist.close's barrier; a failed rank never
-        # destroys its group). Every file is written and closed by now; only the standard streams need flushing.
+        # A torchrun rank leaves without the interpreter's teardown, in which gloo's worker threads can abort it
+        # after a complete run (Dist.close says how) and torchrun then reports the run failed; a failed rank never
+        # destroys its group at all. Every file is written and closed by now; only the standard streams need flushing.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
