@@ -658,10 +658,13 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
     # On a CPU a probe's steps take time in proportion to their work, so the last probe foretells the others (a wide
     # network's probe is several times a small one's; bench/RESULTS.md):
     # - its seconds (foretold_probe_seconds): a probe that would pass the share is not started;
-    # - its speed, read FORETELLING_OVERESTIMATE times quick (foretold_probe): the accuracy the candidate could reach
-    #   at best. The one that could reach the most is probed next, and one with no run that fits is left out.
-    #   Cheapest first, a 10-minute fp32 budget's two small-network probes spent 16 s of its 30 s share, and
-    #   PowerCifarNet, foretold at 15.6 s, was left out though it would have won.
+    # - its speed (foretold_probe): the accuracy the candidate is foretold to reach, and, read FORETELLING_OVERESTIMATE
+    #   times quick, the most it could reach. The one foretold to reach the most is probed next (then, among those
+    #   foretold to fit nothing, the one that could reach the most), and one with no run that fits even read quick
+    #   is left out. Cheapest first, a 10-minute fp32 budget's two small-network probes spent 16 s of its 30 s share,
+    #   and PowerCifarNet, foretold at 15.6 s, was left out though it would have won. Ordered by what they could
+    #   reach at best, a 10-minute bf16 budget probed PowerCifarNet(1.0) (14 s; it could not win) before the 0.75-wide
+    #   network, which then did not fit the share though it would have won (bench/RESULTS.md, twenty-seventh session).
     # On a GPU they do not (a new network's kernel search, a small network's idle device): the cheapest goes first,
     # and only the seconds spent are counted.
     # On either, a candidate whose table tops out below the forecast for what was measured cannot win: not probed.
@@ -669,14 +672,19 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
     waiting = sorted(range(len(candidates)), key=cost.__getitem__)
     while waiting:
         now = dataclasses.replace(workload, spent_seconds=workload.spent_seconds + time.time() - started)
-        could_reach = {}  # index -> the best accuracy it could reach, foretold (None: no run fits)
+        foretold_reach, could_reach = {}, {}  # index -> the best accuracy it reaches, foretold (None: no run fits)
         if last and not on_gpu:
             last_seconds, last_steps_seconds, last_work, last_index = last
-            could_reach = {i: budget.best_forecast_accuracy(
-                [candidates[i]], [foretold_probe(probes[last_index], candidates[last_index], cost[last_index],
-                                                 candidates[i], cost[i])], now, budget_seconds, tta)
-                for i in waiting if candidates[i].points}
-            waiting.sort(key=lambda i: (-(could_reach.get(i) or -math.inf), cost[i]))  # cheapest first among equals
+
+            def reach(i, quicker_by):
+                return budget.best_forecast_accuracy(
+                    [candidates[i]], [foretold_probe(probes[last_index], candidates[last_index], cost[last_index],
+                                                     candidates[i], cost[i], quicker_by)], now, budget_seconds, tta)
+
+            foretold_reach = {i: reach(i, 1.0) for i in waiting if candidates[i].points}
+            could_reach = {i: reach(i, FORETELLING_OVERESTIMATE) for i in waiting if candidates[i].points}
+            waiting.sort(key=lambda i: (-(foretold_reach.get(i) or -math.inf), -(could_reach.get(i) or -math.inf),
+                                        cost[i]))  # cheapest first among equals
         index = dist.broadcast_object(waiting[0])  # every rank probes the same candidates: each step is a collective
         waiting.remove(index)
         candidate, key, skip, shared, timing = candidates[index], keys[index], None, "", {}
@@ -763,18 +771,18 @@ def foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work):
     return max(0.0, last_seconds - last_steps_seconds) + last_steps_seconds * work / last_work
 
 
-def foretold_probe(last_probe, last_candidate, last_macs, candidate, macs):
-    """A CPU candidate's probe as the last one foretells it, read FORETELLING_OVERESTIMATE times quick: the most its
-    own could measure. Training speeds scale by work per image (step_work), evaluation by multiply-adds per image,
-    small crops by their fewer pixels where the last probe did not time them; the checkpoints take the last's time
-    (a tenth of a second a save, whichever network: too little to matter)."""
-    quicker = FORETELLING_OVERESTIMATE * (step_work(last_macs, 1, last_candidate.backprop_fraction)
-                                          / step_work(macs, 1, candidate.backprop_fraction))
+def foretold_probe(last_probe, last_candidate, last_macs, candidate, macs, quicker_by):
+    """A CPU candidate's probe as the last one foretells it, read quicker_by times quick (FORETELLING_OVERESTIMATE:
+    the most its own could measure). Training speeds scale by work per image (step_work), evaluation by
+    multiply-adds per image, small crops by their fewer pixels where the last probe did not time them; the
+    checkpoints take the last's time (a tenth of a second a save, whichever network: too little to matter)."""
+    quicker = quicker_by * (step_work(last_macs, 1, last_candidate.backprop_fraction)
+                            / step_work(macs, 1, candidate.backprop_fraction))
     small_crop_speedup = last_probe.small_crop_speedup if last_probe.small_crop_train_images_per_s \
         else 1 / SMALL_CROP_SIDE ** 2
     return budget.Probe(
         train_images_per_s=last_probe.train_images_per_s * quicker,
-        eval_images_per_s=last_probe.eval_images_per_s * FORETELLING_OVERESTIMATE * last_macs / macs,
+        eval_images_per_s=last_probe.eval_images_per_s * quicker_by * last_macs / macs,
         save_seconds=last_probe.save_seconds,
         frozen_stem_train_images_per_s=last_probe.frozen_stem_train_images_per_s * quicker,
         small_crop_train_images_per_s=last_probe.train_images_per_s * quicker * small_crop_speedup

@@ -333,6 +333,37 @@ def test_after_the_first_probe_a_cpu_probes_first_what_could_win_and_leaves_out_
         "measured")
 
 
+def test_a_cpu_probes_next_what_it_is_foretold_to_reach_most_not_what_could_reach_most(monkeypatch):
+    """SmallCifarNet's probe foretells the others' speeds by their work per image. At that speed a 0.75-wide
+    PowerCifarNet fits its 8 epochs (90.5%) and the 1.0-wide one not even its shortest run (6 epochs); only read 1.6
+    times quick could the 1.0-wide reach more (92%). Each probe sleeps what its steps take at its network's speed,
+    plus 0.05 s, and the share has room for one wide probe after SmallCifarNet's: the 0.75-wide goes first. Ordered
+    by what they could reach at best, the 1.0-wide was probed second and the 0.75-wide then did not fit the share: a
+    10-minute bf16 budget on a Zen 4 trained SmallCifarNet (89.59%) where the 0.75-wide reaches 90.1%."""
+    work = {None: train.count_macs(train.build_model("SmallCifarNet"), 32)}
+    work.update({w: train.count_macs(train.build_model("PowerCifarNet", width_mult=w), 32) for w in (0.75, 1.0)})
+    probed = []
+
+    def timed_probe(plan, data, dist, out_dir, small_crops=False):
+        width = plan["model_kwargs"].get("width_mult")
+        probed.append(width)
+        speed = 50_000 * work[None] / work[width]  # images/s, in proportion to the network's work
+        time.sleep(0.05 + train.probe_steps_seconds(Probe(speed, 1e5, 0.01, speed), 500))
+        return Probe(speed, 1e5, 0.01, speed)
+
+    monkeypatch.setattr(train, "probe_throughput", timed_probe)
+    monkeypatch.setattr(train, "PROBE_SHARE", 0.8 / 208)  # 0.8 s of a 208 s budget
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32")
+    mid = Candidate("PowerCifarNet", {"width_mult": 0.75}, "fp32", 2000, points=((4, 88.0), (8, 90.5)),
+                    source="made up")
+    power = dataclasses.replace(POWER, points=((6, 89.5), (8, 92.0)))
+    workload = dataclasses.replace(PROBE_WORKLOAD, train_images=500_000)  # epochs of seconds, probes of tenths
+    probes, records = train.probe_candidates(plan, [SMALL, power, mid], PROBE_DATA, train.Dist(), 208, workload,
+                                             tta=2, out_dir=None)
+    assert probed == [None, 0.75]
+    assert probes[1] is None and "past their share" in records[1]["skipped"]
+    assert budget.choose([SMALL, power, mid], probes, workload, 208, 2).best.candidate is mid
+
 @pytest.mark.parametrize("gpus", [(), (train.GPU(0, "made-up GPU", 24.0),)])
 def test_on_any_device_a_candidate_whose_table_tops_out_below_what_was_measured_is_not_probed(monkeypatch, gpus):
     """SmallCifarNet, probed first, is forecast its table's 89% in the budget; a Selective-Backprop configuration
