@@ -364,6 +364,7 @@ def test_a_cpu_probes_next_what_it_is_foretold_to_reach_most_not_what_could_reac
     assert probes[1] is None and "past their share" in records[1]["skipped"]
     assert budget.choose([SMALL, power, mid], probes, workload, 208, 2).best.candidate is mid
 
+
 @pytest.mark.parametrize("gpus", [(), (train.GPU(0, "made-up GPU", 24.0),)])
 def test_on_any_device_a_candidate_whose_table_tops_out_below_what_was_measured_is_not_probed(monkeypatch, gpus):
     """SmallCifarNet, probed first, is forecast its table's 89% in the budget; a Selective-Backprop configuration
