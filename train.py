@@ -672,7 +672,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
     waiting = sorted(range(len(candidates)), key=cost.__getitem__)
     while waiting:
         now = dataclasses.replace(workload, spent_seconds=workload.spent_seconds + time.time() - started)
-        foretold_reach, could_reach = {}, {}  # index -> the best accuracy it reaches, foretold (None: no run fits)
+        could_reach = {}  # index -> the best accuracy it could reach, foretold read quick (None: no run fits)
         if last and not on_gpu:
             last_seconds, last_steps_seconds, last_work, last_index = last
 
@@ -681,7 +681,7 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
                     [candidates[i]], [foretold_probe(probes[last_index], candidates[last_index], cost[last_index],
                                                      candidates[i], cost[i], quicker_by)], now, budget_seconds, tta)
 
-            foretold_reach = {i: reach(i, 1.0) for i in waiting if candidates[i].points}
+            foretold_reach = {i: reach(i, 1.0) for i in waiting if candidates[i].points}  # at the foretold speed
             could_reach = {i: reach(i, FORETELLING_OVERESTIMATE) for i in waiting if candidates[i].points}
             waiting.sort(key=lambda i: (-(foretold_reach.get(i) or -math.inf), -(could_reach.get(i) or -math.inf),
                                         cost[i]))  # cheapest first among equals
