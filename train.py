@@ -810,38 +810,48 @@ def probe_throughput(plan, data, dist, out_dir, small_crops=False):
     set_learning_rates(optimizer, plan, backpropagated(plan["batch_size"], plan["backprop_fraction"], dist.world_size),
                        0, 1)
 
-    def timed(work, repeats):
-        """The median call's seconds, after a warm-up call: single steps on a shared machine vary by a third."""
-        work()
-        synchronize(device)
-        seconds = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            work()
-            synchronize(device)
-            seconds.append(time.perf_counter() - t0)
-        return statistics.median(seconds)
+    def timed(works, repeats):
+        """Each work's median seconds a call, after a warm-up call of each: single steps on a shared machine vary
+        by a third. The works take turns, so a machine whose speed drifts during the probe slows them alike and the
+        ratios between them hold (measured one after another, a slow spell once read the frozen stem 1.63 times
+        quicker where the run's epochs then ran 1.25 times; bench/RESULTS.md, twenty-seventh session)."""
+        seconds = [[] for _ in works]
+        for repeat in range(repeats + 1):
+            for work, times in zip(works, seconds):
+                t0 = time.perf_counter()
+                work()
+                synchronize(device)
+                if repeat:
+                    times.append(time.perf_counter() - t0)
+        return [statistics.median(times) for times in seconds]
 
     def step(inputs=inputs):
         training_step(forward_model, optimizer, scaler, inputs, labels, autocast_dtype, dist, plan["backprop_fraction"])
 
+    # After STEM_BIAS_EPOCHS the stem bias freezes (train_one_epoch), and the conv after the stem no longer computes
+    # its input's gradient: those epochs' steps are quicker (bench/RESULTS.md, fifteenth session), so a run's later
+    # epochs are forecast at their own speed.
+    stem_bias = model.parameter_groups()["stem_bias"]
+
+    def frozen_stem_step():
+        for parameter in stem_bias:
+            parameter.requires_grad = False
+        step()
+        for parameter in stem_bias:
+            parameter.requires_grad = True
+
+    works = [step, frozen_stem_step] if stem_bias else [step]
     try:
-        step_seconds = timed(step, PROBE_STEPS)
-        small_crop_step_seconds = None
         if small_crops:  # a window as TrainBatches cuts: fewer pixels, and new kernels for the shape
             side = small_crop_side(inputs.shape[-1])
             crops = inputs[:, :, :side, :side].contiguous(memory_format=torch.channels_last)
-            small_crop_step_seconds = timed(lambda: step(crops), PROBE_STEPS)
-        # After STEM_BIAS_EPOCHS the stem bias freezes (train_one_epoch), and the conv after the stem no longer
-        # computes its input's gradient: those epochs' steps are quicker (bench/RESULTS.md, fifteenth session), so a
-        # run's later epochs are forecast at their own speed.
-        stem_bias = model.parameter_groups()["stem_bias"]
-        for parameter in stem_bias:
-            parameter.requires_grad = False
+            works.append(lambda: step(crops))
+        step_seconds, *other_seconds = timed(works, PROBE_STEPS)
         # At most as long as a step before: it does less work, and a longer median is the machine's noise.
-        frozen_stem_step_seconds = min(timed(step, PROBE_STEPS), step_seconds) if stem_bias else step_seconds
+        frozen_stem_step_seconds = min(other_seconds.pop(0), step_seconds) if stem_bias else step_seconds
+        small_crop_step_seconds = other_seconds.pop(0) if small_crops else None
         eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
-        eval_seconds = timed(lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype), 2)
+        eval_seconds, = timed([lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype)], 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
         return None
     save_seconds = checkpoint_seconds(model, optimizer, out_dir) if dist.is_main else 0.0  # rank 0 alone saves

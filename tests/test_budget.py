@@ -397,6 +397,30 @@ def test_a_probe_times_the_checkpoints_on_the_runs_disk_and_leaves_nothing_there
     assert first_dir == second_dir == tmp_path and first > weights_bytes and second > 2 * weights_bytes
 
 
+def test_the_probe_times_each_step_kind_in_turns_so_a_slow_spell_slows_them_alike(tiny_data, tmp_path, monkeypatch):
+    """The real probe on the tiny data, its training steps made sleeps: 12.5 ms, 10 with the stem bias frozen (1.25
+    times quicker), 7 ms on small crops, each 2.5 times as long during a slow spell of the first 9 steps. Timed one
+    kind after another, the spell would fall on the first kind's steps alone (it read the frozen stem 3 times
+    quicker); taking turns, it falls on the warm-up and two timed steps of each, and the medians read the ratios."""
+    calls = []
+
+    def sleeping_step(model, optimizer, scaler, inputs, labels, *args):
+        frozen = not any(p.requires_grad for p in model.parameter_groups()["stem_bias"])
+        seconds = 0.007 if inputs.shape[-1] < 32 else 0.010 if frozen else 0.0125
+        calls.append(frozen)
+        time.sleep(seconds * (2.5 if len(calls) <= 9 else 1))
+
+    monkeypatch.setattr(train, "training_step", sleeping_step)
+    plan = train.make_plan(train.Hardware((), 2), precision="fp32", model="SmallCifarNet", batch_size=100)
+    data, _ = train.load_data(train.DATASETS["cifar10"], tiny_data, 32)
+    data = train.place_data(data, plan["val_split"], 0, torch.device("cpu"))
+    probe = train.probe_throughput(plan, data, train.Dist(), tmp_path, small_crops=True)
+    assert probe.frozen_stem_speedup == pytest.approx(1.25, rel=0.1)
+    assert probe.small_crop_speedup == pytest.approx(12.5 / 7, rel=0.1)
+    assert probe.train_images_per_s == pytest.approx(train.probe_batch_size(plan, data, train.Dist()) / 0.0125, rel=0.1)
+    assert len(calls) == 3 * (train.PROBE_STEPS + 1) and calls[:3] == [False, True, False]
+
+
 def test_a_selective_backprop_configuration_is_its_own_candidate_probed_at_its_own_batch(monkeypatch):
     """Selective-Backprop's step has a pass of its own to time: it never shares the plain step's probe, and on a CPU
     it is probed backpropagating PROBE_CPU_BATCH images, as many as the plain step."""
