@@ -15,7 +15,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ACCURACY_TABLE = Path(__file__).resolve().parent / "bench" / "accuracy_table.json"
@@ -74,6 +74,8 @@ class Probe:
     save_seconds: float  # writing an epoch's checkpoints of the candidate's model
     frozen_stem_train_images_per_s: float  # once it freezes: quicker, the conv after the stem skips its input gradient
     small_crop_train_images_per_s: float | None = None  # on small crops, the stem bias training; None: not probed
+    batch_size: int = 0  # images a training step the speeds above hold for (0: not said, any batch's)
+    update_seconds: float = 0.0  # a training step's optimiser update, as long at any batch
 
     @property
     def frozen_stem_speedup(self):
@@ -83,6 +85,25 @@ class Probe:
     def small_crop_speedup(self):
         return self.small_crop_train_images_per_s / self.train_images_per_s if self.small_crop_train_images_per_s \
             else 1.0
+
+
+def at_batch(probe, batch_size):
+    """The probe's training speeds for steps of batch_size images. A step's time, less its optimiser update, grows
+    with its images; the update's does not (Muon orthogonalises each filter matrix once a step). A CPU probes steps
+    of fewer images than its runs take, and read per image as they were, its speeds read a run's 2000-image steps
+    slow (bench/RESULTS.md, thirtieth session)."""
+    if not probe.batch_size or batch_size == probe.batch_size:
+        return probe
+
+    def speed(images_per_s):
+        if not images_per_s:
+            return images_per_s
+        per_image = (probe.batch_size / images_per_s - probe.update_seconds) / probe.batch_size
+        return batch_size / (per_image * batch_size + probe.update_seconds)
+
+    return replace(probe, train_images_per_s=speed(probe.train_images_per_s),
+                   frozen_stem_train_images_per_s=speed(probe.frozen_stem_train_images_per_s),
+                   small_crop_train_images_per_s=speed(probe.small_crop_train_images_per_s), batch_size=batch_size)
 
 
 @dataclass(frozen=True)

@@ -561,8 +561,8 @@ def print_plan(plan):
 PROBE_SHARE = 0.05  # of the budget, at most, spent probing
 PROBE_STEPS = 5  # timed training steps per candidate and stem state, each after a warm-up step (it allocates memory,
 # picks kernels)
-PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU, where a step of 2000 takes seconds. Its images/s
-# are those of 2000 on some CPUs and below them on others (measured); the pace control makes that up in epoch 1
+PROBE_CPU_BATCH = 500  # images backpropagated per probe step on a CPU, where a step of 2000 takes seconds. The
+# probe times the step's optimiser update too, which takes as long at any batch, to give the run's batch its speed
 FORECAST_CURVES_SECONDS = 0.5  # drawing training_curves.png (measured; see RESULTS); the checkpoints are probed
 FORECAST_REPORT_SECONDS = 3.0  # the report's figures and the final saves (measured under it on a fast CPU; see RESULTS)
 FORETELLING_OVERESTIMATE = 1.6  # the most a CPU probe's foretelling of another network's speed may read it slow: it
@@ -692,8 +692,9 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
         foretold = foretold_probe_seconds(last_seconds, last_steps_seconds, last_work, work) \
             if last and not on_gpu else 0.0
         measured_best = budget.best_forecast_accuracy(candidates, probes, now, budget_seconds, tta)
+        measured = None  # the probe's figures at the batch it timed; probes[index] holds them at the candidate's
         if key in probed:
-            probes[index], measured_label = probed[key]
+            measured, measured_label = probed[key]
             shared = f" (shared with {measured_label}: both probed at batch {key[-1]})"
         elif index in could_reach and could_reach[index] is None:
             shortest = candidate.points[0][0]
@@ -712,17 +713,19 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
         skip = dist.broadcast_object(skip)
         if skip is None and not shared:
             t0 = time.time()
-            probes[index] = dist.broadcast_object(probe_throughput(candidate_plan(plan, candidate), data, dist,
-                                                                   out_dir, small_crops=key in small_crop_keys))
+            measured = dist.broadcast_object(probe_throughput(candidate_plan(plan, candidate), data, dist, out_dir,
+                                                              small_crops=key in small_crop_keys))
             probe_seconds = time.time() - t0
             spent += probe_seconds if probed or not on_gpu else 0.0
-            if probes[index] is not None:  # one that ran out of memory stopped early
-                last = probe_seconds, probe_steps_seconds(probes[index], key[-1] * dist.world_size), work, index
-            probed[key] = probes[index], candidate.label
+            if measured is not None:  # one that ran out of memory stopped early
+                last = probe_seconds, probe_steps_seconds(measured, key[-1] * dist.world_size), work, index
+            probed[key] = measured, candidate.label
             # Kept to check the foretelling by: the seconds this probe took, and those foretold (none for the first).
             timing = {"probe_seconds": round(probe_seconds, 2), "foretold_seconds": round(foretold, 2) or None}
-        if probes[index] is None and not skip:
+        if skip is None and measured is None:
             skip = "out of memory at this batch"
+        if not skip:
+            probes[index] = budget.at_batch(measured, candidate.batch_size)
         probe = probes[index]
         records[index] = {"configuration": candidate.label, "skipped": skip} if skip else {
             "configuration": candidate.label, "train_images_per_s": round(probe.train_images_per_s, 1),
@@ -730,18 +733,22 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
             "small_crop_train_images_per_s": probe.small_crop_train_images_per_s and round(
                 probe.small_crop_train_images_per_s, 1),
             "eval_images_per_s": round(probe.eval_images_per_s, 1), "save_seconds": round(probe.save_seconds, 2),
-            **timing}
+            "probe_batch_size": measured.batch_size, "update_seconds": round(measured.update_seconds, 4), **timing}
         took = f", probed in {timing['probe_seconds']:.1f}s" if timing else ""
-        print(f"[budget] probe {candidate.label}: " + (skip or probe_text(probe) + took + shared), flush=True)
+        print(f"[budget] probe {candidate.label}: " + (skip or probe_text(probe, measured) + took + shared),
+              flush=True)
     print(f"[budget] probing took {time.time() - started:.1f}s")
     return probes, records
 
 
-def probe_text(probe):
+def probe_text(probe, measured):
+    """The probe's speeds at the candidate's batch, and how they were had from the batch it timed (budget.at_batch)."""
     small_crops = f", {probe.small_crop_train_images_per_s:,.0f} on small crops" \
         if probe.small_crop_train_images_per_s else ""
+    timed_at = f"; timed at batch {measured.batch_size:,}: {measured.train_images_per_s:,.0f}, with " \
+        f"{measured.update_seconds * 1000:.0f} ms of optimiser update a step" if probe is not measured else ""
     return (f"{probe.train_images_per_s:,.0f} images/s training ({probe.frozen_stem_train_images_per_s:,.0f} once the "
-            f"stem bias freezes{small_crops}), {probe.eval_images_per_s:,.0f} evaluating, checkpoints "
+            f"stem bias freezes{small_crops}{timed_at}), {probe.eval_images_per_s:,.0f} evaluating, checkpoints "
             f"{probe.save_seconds:.2f}s")
 
 
@@ -800,8 +807,9 @@ def probe_batch_size(plan, data, dist):
 def probe_throughput(plan, data, dist, out_dir, small_crops=False):
     """Images/s of training steps, before and after the stem bias freezes (and on small crops before, if
     small_crops), and of evaluation for this plan's configuration on its device, from warmed-up steps on real
-    training images, and the seconds to write its checkpoints into out_dir (the model is thrown away after). None if
-    it runs out of memory."""
+    training images, and the seconds to write its checkpoints into out_dir (the model is thrown away after). On a
+    CPU, whose probe steps hold fewer images than the run's (probe_batch_size), the seconds of a step's optimiser
+    update too (budget.at_batch). None if it runs out of memory."""
     device, model, forward_model, autocast_dtype, scaler = prepare_training(plan, data)
     optimizer = make_optimizer(model, plan)
     batch = probe_batch_size(plan, data, dist)
@@ -840,16 +848,26 @@ def probe_throughput(plan, data, dist, out_dir, small_crops=False):
         for parameter in stem_bias:
             parameter.requires_grad = True
 
+    def update():  # the step's last part alone, again on the last step's gradients
+        scaler.step(optimizer)
+        scaler.update()
+
     works = [step, frozen_stem_step] if stem_bias else [step]
     try:
         if small_crops:  # a window as TrainBatches cuts: fewer pixels, and new kernels for the shape
             side = small_crop_side(inputs.shape[-1])
             crops = inputs[:, :, :side, :side].contiguous(memory_format=torch.channels_last)
             works.append(lambda: step(crops))
+        on_cpu = device.type == "cpu"
+        if on_cpu:  # a GPU probes the run's own batch
+            works.append(update)
         step_seconds, *other_seconds = timed(works, PROBE_STEPS)
         # At most as long as a step before: it does less work, and a longer median is the machine's noise.
         frozen_stem_step_seconds = min(other_seconds.pop(0), step_seconds) if stem_bias else step_seconds
         small_crop_step_seconds = other_seconds.pop(0) if small_crops else None
+        # A part of every step: at most as long as the quickest of them.
+        update_seconds = min(other_seconds.pop(0), frozen_stem_step_seconds, small_crop_step_seconds or math.inf) \
+            if on_cpu else 0.0
         eval_images = data.test_images[:min(EVAL_BATCH_SIZE, batch)]
         eval_seconds, = timed([lambda: predict_batch(model, eval_images, (data.mean, data.std), 0, autocast_dtype)], 2)
     except torch.OutOfMemoryError:  # its memory returns to the allocator with this function's locals
@@ -857,7 +875,8 @@ def probe_throughput(plan, data, dist, out_dir, small_crops=False):
     save_seconds = checkpoint_seconds(model, optimizer, out_dir) if dist.is_main else 0.0  # rank 0 alone saves
     return budget.Probe(batch * dist.world_size / step_seconds, len(eval_images) * dist.world_size / eval_seconds,
                         save_seconds, batch * dist.world_size / frozen_stem_step_seconds,
-                        small_crop_step_seconds and batch * dist.world_size / small_crop_step_seconds)
+                        small_crop_step_seconds and batch * dist.world_size / small_crop_step_seconds,
+                        batch * dist.world_size, update_seconds)
 
 
 def checkpoint_seconds(model, optimizer, out_dir):

@@ -211,13 +211,16 @@ def test_the_table_script_files_a_gpu_point_apart_from_the_same_network_on_a_cpu
 
 def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch):
     """A CPU probes every batch at PROBE_CPU_BATCH (500): batch 2000 and 500 of one network are one measurement,
-    so noise between two probes cannot pick between them; batch 250 is probed at its own size. A configuration on
-    small crops shares the probe too, which then times the crops as well."""
+    so noise between two probes cannot pick between them, each read at its own batch (budget.at_batch); batch 250
+    is probed at its own size. A configuration on small crops shares the probe too, which then times the crops as
+    well."""
     probed = []
 
     def counted_probe(plan, data, dist, out_dir, small_crops=False):
         probed.append((plan["batch_size"], small_crops))
-        return Probe(400.0 + len(probed), 1500.0, SAVE, 400.0 + len(probed), 700.0 if small_crops else None)
+        batch = train.probe_batch_size(plan, data, dist)
+        return Probe(400.0 + len(probed), 1500.0, SAVE, 400.0 + len(probed), 700.0 if small_crops else None, batch,
+                     update_seconds=0.05)
 
     monkeypatch.setattr(train, "probe_throughput", counted_probe)
     plan = train.make_plan(train.Hardware((), 2), precision="fp32")
@@ -225,9 +228,25 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
     candidates.append(dataclasses.replace(SMALL, small_crop_epochs=2))
     probes, records = probe_all(plan, candidates, budget_seconds=600)
     assert probed == [(2000, True), (250, False)]
-    assert probes[1] is probes[0] is probes[3] and probes[2] != probes[0]
-    assert records[1]["train_images_per_s"] == records[0]["train_images_per_s"] == 401.0
-    assert records[3]["small_crop_train_images_per_s"] == 700.0 and records[2]["small_crop_train_images_per_s"] is None
+    assert probes[0] == probes[3] == budget.at_batch(probes[1], 2000) and probes[1].batch_size == 500
+    assert probes[2].train_images_per_s == 402.0
+    assert records[1]["train_images_per_s"] == 401.0 < records[0]["train_images_per_s"]
+    assert records[0]["probe_batch_size"] == records[1]["probe_batch_size"] == 500
+    assert records[0]["update_seconds"] == 0.05
+    assert records[1]["small_crop_train_images_per_s"] == 700.0 and records[2]["small_crop_train_images_per_s"] is None
+
+
+def test_a_probe_is_read_at_the_run_batch_by_its_optimiser_update_which_any_batch_takes_alike():
+    """Steps of 500 images in 1.25 s (400 images/s), 0.05 s of it the update: 2.4 ms an image besides, so steps of
+    2000 take 4.85 s (412 images/s) and of 250 0.65 s (385 images/s); every training speed alike."""
+    probe = Probe(400.0, 1500.0, SAVE, 500.0, 800.0, batch_size=500, update_seconds=0.05)
+    at_2000 = budget.at_batch(probe, 2000)
+    assert at_2000.train_images_per_s == pytest.approx(2000 / 4.85)
+    assert at_2000.frozen_stem_train_images_per_s == pytest.approx(2000 / (4 * (1.0 - 0.05) + 0.05))
+    assert at_2000.small_crop_train_images_per_s == pytest.approx(2000 / (4 * (0.625 - 0.05) + 0.05))
+    assert at_2000.batch_size == 2000 and at_2000.eval_images_per_s == 1500.0 and at_2000.update_seconds == 0.05
+    assert budget.at_batch(probe, 250).train_images_per_s == pytest.approx(250 / 0.65)
+    assert budget.at_batch(probe, 500) is probe and budget.at_batch(Probe(400, 1500, SAVE, 400), 2000).batch_size == 0
 
 
 @pytest.mark.parametrize("gpus, probed_batches", [((), [2000]), ((train.GPU(0, "made-up GPU", 24.0),), [2000, 250])])
@@ -418,6 +437,9 @@ def test_the_probe_times_each_step_kind_in_turns_so_a_slow_spell_slows_them_alik
     assert probe.frozen_stem_speedup == pytest.approx(1.25, rel=0.1)
     assert probe.small_crop_speedup == pytest.approx(12.5 / 7, rel=0.1)
     assert probe.train_images_per_s == pytest.approx(train.probe_batch_size(plan, data, train.Dist()) / 0.0125, rel=0.1)
+    # The real update on a CPU, timed too, for the run's batch (budget.at_batch): a part of the quickest step.
+    assert probe.batch_size == train.probe_batch_size(plan, data, train.Dist())
+    assert 0 < probe.update_seconds <= 0.007 * 1.1
     assert len(calls) == 3 * (train.PROBE_STEPS + 1) and calls[:3] == [False, True, False]
 
 
