@@ -648,8 +648,8 @@ def probe_candidates(plan, candidates, data, dist, budget_seconds, workload, tta
     cost = [count_macs(build_model(c.model, num_classes=len(data.class_names), **c.model_kwargs),
                        data.train_images.shape[-1]) for c in candidates]
     # One probe per network, backprop fraction and probe batch: on a CPU every batch size is probed backpropagating
-    # PROBE_CPU_BATCH images a step, so the candidates that differ only in batch share one measurement, and the
-    # choice between them is not made by noise.
+    # PROBE_CPU_BATCH images a step, so the candidates that differ only in batch share one measurement, read at each
+    # one's batch (budget.at_batch), and the choice between them is not made by noise.
     probed = {}  # (model, model_kwargs, backprop fraction, probe batch) -> (the probe, the label of what it measured)
     keys = [(c.model, tuple(sorted(c.model_kwargs.items())), c.backprop_fraction,
              probe_batch_size(candidate_plan(plan, c), data, dist)) for c in candidates]

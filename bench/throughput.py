@@ -7,8 +7,9 @@
     python bench/throughput.py --frozen-stem                  # the steps after the stem bias freezes
 
 Times the training step the trainer runs (forward, label-smoothed loss, backward, Muon step) on random
-images, after warm-up steps, on the CPU with one thread per core. Use it to compare widths and precisions
-in a minute instead of a whole run; accuracy needs bench.py. Never part of the test suite.
+images, after warm-up steps, on the CPU with one thread per core, then the optimiser update alone (as long at any
+batch: budget.at_batch). Use it to compare widths and precisions in a minute instead of a whole run; accuracy
+needs bench.py. Never part of the test suite.
 """
 import argparse
 import os
@@ -47,7 +48,12 @@ def images_per_second(net, plan, steps):
     start = time.perf_counter()
     for _ in range(steps):
         train.training_step(net, optimizer, scaler, inputs, labels, autocast_dtype)
-    return plan["batch_size"] * steps / (time.perf_counter() - start), count_macs(net)
+    rate = plan["batch_size"] * steps / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):  # the optimiser update alone, on the last step's gradients: as long at any batch
+        scaler.step(optimizer)
+        scaler.update()
+    return rate, (time.perf_counter() - start) / steps, count_macs(net)
 
 
 def main():
@@ -65,11 +71,11 @@ def main():
         stem_bias = net.parameter_groups()["stem_bias"]
         for parameter in stem_bias:  # as train_one_epoch sets it
             parameter.requires_grad = not args.frozen_stem
-        rate, macs = images_per_second(net, plan, args.steps)
+        rate, update_seconds, macs = images_per_second(net, plan, args.steps)
         no_stem = " (it has no stem bias to freeze)" if args.frozen_stem and not stem_bias else ""
-        print(f"{label:>20}: {rate:6.0f} images/s, {macs / 1e6:6.1f}M multiply-adds per image "
-              f"({rate * macs / 1e9:4.1f} G/s in the forward pass), {plan['recipe']} recipe, {plan['threads']} threads"
-              f"{no_stem}")
+        print(f"{label:>20}: {rate:6.0f} images/s, {update_seconds * 1000:5.1f} ms of it a step the optimiser "
+              f"update, {macs / 1e6:6.1f}M multiply-adds per image ({rate * macs / 1e9:4.1f} G/s in the forward pass), "
+              f"{plan['recipe']} recipe, {plan['threads']} threads{no_stem}")
 
 if __name__ == "__main__":
     main()
