@@ -746,7 +746,8 @@ def probe_text(probe, measured):
     small_crops = f", {probe.small_crop_train_images_per_s:,.0f} on small crops" \
         if probe.small_crop_train_images_per_s else ""
     timed_at = f"; timed at batch {measured.batch_size:,}: {measured.train_images_per_s:,.0f}, with " \
-        f"{measured.update_seconds * 1000:.0f} ms of optimiser update a step" if probe is not measured else ""
+        f"{measured.update_seconds * 1000:.0f} ms of optimiser update a step" \
+        if probe.batch_size != measured.batch_size else ""
     return (f"{probe.train_images_per_s:,.0f} images/s training ({probe.frozen_stem_train_images_per_s:,.0f} once the "
             f"stem bias freezes{small_crops}{timed_at}), {probe.eval_images_per_s:,.0f} evaluating, checkpoints "
             f"{probe.save_seconds:.2f}s")

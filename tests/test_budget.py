@@ -209,7 +209,7 @@ def test_the_table_script_files_a_gpu_point_apart_from_the_same_network_on_a_cpu
     assert crops_entry not in (cpu_entry, gpu_entry) and crops_entry["small_crop_epochs"] == 2
 
 
-def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch):
+def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypatch, capsys):
     """A CPU probes every batch at PROBE_CPU_BATCH (500): batch 2000 and 500 of one network are one measurement,
     so noise between two probes cannot pick between them, each read at its own batch (budget.at_batch); batch 250
     is probed at its own size. A configuration on small crops shares the probe too, which then times the crops as
@@ -234,6 +234,9 @@ def test_candidates_that_differ_only_in_batch_share_one_probe_on_a_cpu(monkeypat
     assert records[0]["probe_batch_size"] == records[1]["probe_batch_size"] == 500
     assert records[0]["update_seconds"] == 0.05
     assert records[1]["small_crop_train_images_per_s"] == 700.0 and records[2]["small_crop_train_images_per_s"] is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[budget] probe")]
+    assert "413 images/s training" in lines[0] and "timed at batch 500: 401, with 50 ms of optimiser update" in lines[0]
+    assert "401 images/s training" in lines[1] and "timed at batch" not in lines[1]
 
 
 def test_a_probe_is_read_at_the_run_batch_by_its_optimiser_update_which_any_batch_takes_alike():
