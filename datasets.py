@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BAD_FILES_LIMIT = 0.01  # unreadable images a split may have (a share of its files); they are skipped with a warning
 HOLDOUT_FRACTION = 0.1  # of each class of train/, held out for testing when an image folder has no test split
 HOLDOUT_SEED = 0  # fixed, not the run's seed: every run of a folder tests on the same images
-CACHE_FORMAT = 1  # part of the cache key: raised when decoding or the hold-out changes, so old caches are not used
+CACHE_FORMAT = 2  # part of the cache key: raised when decoding or the hold-out changes, so old caches are not used
 CIFAR_IMAGE_SIZE = 32  # CIFAR's images, and image folders' default size
 SHOWN_FILES = 5  # unreadable files named one by one; the rest are counted
 POOL_MIN_FILES = 2000  # fewer images decode in about a second: not worth starting a process per core
@@ -134,7 +134,26 @@ def ensure_dataset(dataset, data_dir):
                             f"Point --data-dir at the folder that holds {dataset.folder}/, or at an empty folder "
                             f"to download {dataset.title} into.")
     if not has_dataset(dataset, data_dir):
+        refuse_data_dir_inside_data(dataset, data_dir)
         download(dataset, data_dir)
+
+
+def refuse_data_dir_inside_data(dataset, data_dir):
+    """A --data-dir that is the data itself (CIFAR's extracted folder, or class folders without train/) would
+    otherwise count as missing data: a download into it, or a model trained on data the user did not mean."""
+    for other in DATASETS.values():
+        if other.meta_file and all((data_dir / name).is_file() for name in (*other.train_files, other.meta_file)):
+            raise DataError(f"--data-dir {data_dir} is {other.title}'s own folder ({other.folder}/); point --data-dir "
+                            f"at the folder that holds it, {data_dir.parent}"
+                            f"{'' if other is dataset else f', with --dataset {other.key}'}.")
+    with_images = [name for name in sub_folders(data_dir)[:3] if image_files(data_dir / name, data_dir)] \
+        if data_dir.is_dir() else []  # the first few: a data folder may hold much else
+    if with_images:
+        raise DataError(f"--data-dir {data_dir} holds folders of images ({', '.join(with_images)}) but no train/ folder, "
+                        f"so it was taken for {dataset.title}, which is not there. An image folder holds "
+                        f"train/<class>/<images> and, for testing, test/<class>/<images>: move the class folders "
+                        f"into {data_dir / 'train'}/, or, if {data_dir.name}/ is such a split, point --data-dir at "
+                        f"the folder above it.")
 
 
 def fetch_dataset(dataset, data_dir, local_rank, wait_s, image_size=CIFAR_IMAGE_SIZE, local_world_size=1):
@@ -192,7 +211,13 @@ def download(dataset, data_dir):
     """Download the official archive, check its MD5 and extract it safely into data_dir."""
     from tqdm import tqdm
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    made = not data_dir.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dataset.title} is not in {data_dir / dataset.folder}, and {data_dir} cannot be made to "
+                        f"download it into ({e.strerror or e}). Point --data-dir at the folder that holds "
+                        f"{dataset.folder}/, or at a folder that can be written.") from None
     archive = data_dir / dataset.archive
     partial = archive.with_name(archive.name + ".part")
     folder = data_dir / dataset.folder
@@ -206,6 +231,8 @@ def download(dataset, data_dir):
                     bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         partial.unlink(missing_ok=True)
+        if made and not any(data_dir.iterdir()):  # a failed download leaves no empty folder behind
+            data_dir.rmdir()
         files = ", ".join((*dataset.train_files, *dataset.test_files, dataset.meta_file))
         raise DataError(
             f"{dataset.title} is not in {folder} and downloading it from {dataset.url} failed ({e}). "
@@ -433,6 +460,14 @@ def class_folders(split_dir):
     if not names:
         raise DataError(f"{split_dir} holds no class folders. Put each class's images in a folder of its own, "
                         f"named after the class: {split_dir}/<class>/<images>.")
+    # A class's name goes into the log, the report and the plots, which need text: a name in another encoding
+    # (a zip made on Windows) is named, with its undecodable bytes escaped, rather than failing in matplotlib.
+    undecodable = [os.fsencode(name).decode("utf-8", "backslashreplace") for name in names
+                   if any("\udc80" <= c <= "\udcff" for c in name)]  # bytes os.fsdecode could not decode
+    if undecodable:
+        raise DataError(f"{split_dir} has class folders whose names are not UTF-8 text: "
+                        f"{', '.join(undecodable[:5])}. Rename them (the class names appear in the report and "
+                        f"plots).")
     return names
 
 
@@ -469,6 +504,11 @@ def decode_image(path, size):
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # a JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale
+            image = ImageOps.exif_transpose(image)  # a phone's photo the way up a viewer shows it
+            if image.mode == "F":  # its range is anyone's guess (0-1? 0-255?): not guessed
+                return None, "floating-point pixels (mode F); save the image with 8 or 16 bits a channel"
+            if image.mode.startswith("I"):  # 16-bit (I;16) or 32-bit (I) grey levels, which convert() clips
+                image = Image.fromarray((np.asarray(image, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
             image = image.convert("RGB")
             if image.size != (size, size):
                 # Bilinear, as torchvision's Resize: Pillow widens its filter when shrinking, so a large image
@@ -561,7 +601,7 @@ def cache_key(data_dir, image_size, files):
             size = os.stat(os.path.join(root, path)).st_size
         except OSError:  # e.g. a broken link: it will be skipped as unreadable
             size = -1
-        digest.update(f"\n{path} {size}".encode())
+        digest.update(os.fsencode(f"\n{path} {size}"))  # as the file system spells it: names need not be UTF-8
     return digest.hexdigest()[:16]
 
 

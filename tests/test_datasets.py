@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import io
+import os
 import pickle
 import shutil
 import tarfile
@@ -134,7 +135,7 @@ def test_offline_download_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match="downloading it from .* failed") as info:
         ensure_dataset(offline, tmp_path / "data")
     assert "holds train, test, meta" in str(info.value) and "CIFAR100_URL" in str(info.value)
-    assert not list((tmp_path / "data").iterdir())
+    assert not (tmp_path / "data").exists()  # the folder it made for the download is gone with it
 
 
 def test_data_dir_that_is_a_file(tmp_path):
@@ -144,6 +145,27 @@ def test_data_dir_that_is_a_file(tmp_path):
         ensure_dataset(CIFAR100, target)
     assert target.read_text() == "keep me"
 
+
+
+def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(DataError, match=r"a_file/data cannot be made to download it into \(Not a directory\)"):
+        ensure_dataset(CIFAR100, tmp_path / "a_file" / "data")
+
+
+def test_a_data_dir_that_is_the_data_itself_is_refused_not_downloaded_into(tmp_path):
+    offline = dataclasses.replace(DATASETS["cifar10"], url=(tmp_path / "nowhere.tar.gz").as_uri())
+    batches = write_tiny_cifar(tmp_path / "data")  # data/cifar-10-batches-py
+    with pytest.raises(DataError, match=f"--data-dir {batches} is CIFAR-10's own folder .*holds it, {tmp_path / 'data'}"):
+        ensure_dataset(offline, batches)
+    hundred = write_tiny_cifar100(tmp_path / "c100", train_size=10, test_size=10)
+    with pytest.raises(DataError, match="is CIFAR-100's own folder .*, with --dataset cifar100"):
+        ensure_dataset(offline, hundred)
+    write_image_split(tmp_path / "photos" / "train", per_class=2)
+    with pytest.raises(DataError, match="holds folders of images \\(cat, dog, fox\\) but no train/ folder"):
+        ensure_dataset(offline, tmp_path / "photos" / "train")
+    assert not (batches / "cifar-10-batches-py").exists()
+    assert not (tmp_path / "photos" / "train" / "cifar-10-batches-py").exists()
 
 def make_tar(path, members):
     with tarfile.open(path, "w:gz") as tar:
@@ -252,6 +274,40 @@ def test_image_folder_loads_skipping_a_broken_file(tmp_path, capsys):
     assert torch.allclose(torch.tensor(data.mean, dtype=torch.float64), expected_mean)
     assert torch.allclose(torch.tensor(data.std, dtype=torch.float64), expected_std)
 
+
+
+def test_decoding_turns_phone_photos_upright_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
+    sideways = np.zeros((32, 64, 3), np.uint8)
+    sideways[:, :32] = (255, 0, 0)  # stored: red left half, blue right half
+    sideways[:, 32:] = (0, 0, 255)
+    image = Image.fromarray(sideways)
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display, so red is on top
+    image.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    pixels, _ = datasets.decode_image(tmp_path / "phone.jpg", 32)
+    assert pixels[:16, :, 0].mean() > 240 and pixels[16:, :, 2].mean() > 240
+
+    grey = np.random.default_rng(0).integers(0, 65536, (32, 32), dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    pixels, _ = datasets.decode_image(tmp_path / "grey16.png", 32)
+    assert np.abs(pixels[..., 0].astype(float) - grey / 257).max() <= 0.5 and (pixels[..., 0] == pixels[..., 2]).all()
+
+    Image.fromarray(np.random.default_rng(1).random((32, 32)).astype(np.float32), mode="F").save(tmp_path / "f.tif")
+    assert datasets.decode_image(tmp_path / "f.tif", 32) == (None, "floating-point pixels (mode F); save the image "
+                                                                  "with 8 or 16 bits a channel")
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_a_class_name_is_refused(tmp_path, capsys):
+    write_image_split(tmp_path / "train", per_class=3)
+    write_image_split(tmp_path / "test", per_class=1, seed=1)
+    cat = bytes(tmp_path / "train" / "cat")
+    src = next(p for p in (tmp_path / "train" / "cat").iterdir() if p.is_file())
+    os.rename(bytes(src), cat + b"/caf\xe9" + src.suffix.encode())  # a latin-1 name
+    data, _ = load(tmp_path, capsys)
+    assert data.train_images.shape[0] == 9 and data.notes == []
+    os.rename(cat, cat[:-3] + b"c\xe0t")  # a class folder's name: it goes into the report and plots
+    with pytest.raises(DataError, match=r"class folders whose names are not UTF-8 text: c\\xe0t. Rename them"):
+        load(tmp_path)
 
 def test_decoding_over_a_process_pool_gives_the_same_data(tmp_path, monkeypatch, capsys):
     write_image_split(tmp_path / "train", per_class=34)
