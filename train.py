@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -125,6 +126,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # PyTorch's RuntimeError (not an OutOfMemoryError)
 
 
 def exit_code_for(signum):
@@ -141,7 +143,8 @@ class TrainingFailed(Exception):
 
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM after the last epoch is saved: nothing is left to finish, so the run stops at once."""
+    """Ctrl-C or SIGTERM where the run stops at once: after the last epoch is saved (nothing is left to finish), or
+    SIGTERM before training starts (nothing is written yet)."""
 
     def __init__(self, signum):
         super().__init__(signum)
@@ -574,6 +577,16 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     model when --model or another dataset fixes it), choose, print the forecast and return the chosen plan."""
     candidates, by_time = budget_candidates(args, plan, dataset, budget.load_table())
     budget_seconds = plan["budget"]["seconds"]
+    # Refused before a probe of tens of seconds where nothing could come of it.
+    spent = time.time() - STARTED
+    if spent >= budget_seconds:
+        raise UserError(f"--budget {budget.duration_text(budget_seconds)} was spent before training could start: "
+                        f"starting up and loading the data took {budget.duration_text(spent)}. Give --budget 1m or "
+                        f"more. Nothing was trained or written.")
+    fitting = [c for c in candidates if c.batch_size <= len(data.train_images)]
+    if not fitting:
+        raise UserError(batch_too_large(min(c.batch_size for c in candidates), len(data.train_images)))
+    candidates = fitting
     probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, budget_workload(data, dist),
                                        args.tta, out_dir)
     workload = budget_workload(data, dist)
@@ -1117,9 +1130,13 @@ def make_train_batches(train_images, train_labels, normalization, batch_size, se
     batches = TrainBatches(train_images, train_labels, normalization, batch_size, seed, dist.rank, dist.world_size,
                            small_crop_epochs)
     if len(batches) == 0:
-        raise UserError(f"The batch size, {batch_size}, is larger than the {len(train_images)} training images. "
-                        f"Give a smaller one, e.g. --batch-size {max(1, len(train_images) // 4)}.")
+        raise UserError(batch_too_large(batch_size, len(train_images)))
     return batches
+
+
+def batch_too_large(batch_size, train_images):
+    return (f"The batch size, {batch_size}, is larger than the {train_images} training images. Give a smaller one, "
+            f"e.g. --batch-size {max(1, train_images // 4)}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1486,8 +1503,8 @@ def train_loop(run, data):
         overhead, epochs_here = time.time() - steps_end, epoch - run.start_epoch
         run.epoch_overhead_seconds = overhead if epochs_here == 1 else \
             run.epoch_overhead_seconds + (overhead - run.epoch_overhead_seconds) / epochs_here
-        if run.dist.any(run.stop.signal is not None, run.device) and epoch < run.epochs_planned:
-            return False
+        if run.dist.any(run.stop.signal is not None, run.device):  # after the last epoch too: its final
+            return False  # evaluation (minutes of TTA on a CPU) is left to --resume
     return True
 
 
@@ -1768,6 +1785,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.finishing:
+            self.signal = signum  # kept: raised inside a garbage-collector callback, the exception is only printed
             raise Interrupted(signum)
         if self.signal is not None:
             # Every file is written by atomic rename, so leaving now tears nothing.
@@ -2068,8 +2086,8 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
         found = previous_run(out_dir)
         if found and not resuming and not overwrite:
             raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
-                            f"--out-dir {out_dir}, replace it with --overwrite, or leave out --out-dir to start "
-                            f"the new run in a new folder under {RUNS_DIR}/.")
+                            f"--out-dir {shlex.quote(str(out_dir))}, replace it with --overwrite, or leave out "
+                            f"--out-dir to start the new run in a new folder under {RUNS_DIR}/.")
         probe = out_dir / f".write_test.{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -2740,7 +2758,7 @@ def parse_args(argv=None):
                         "images (stratified by class, fixed by --seed) and saved at its best validation epoch, each "
                         "in OUT_DIR/fold-k/; then print and save (cross_validation.json and .md) their validation "
                         "accuracy, macro-F1, kappa and test accuracy, per fold and mean ± std. Resumable")
-    p.add_argument("--evaluate", type=Path, default=None, metavar="MODEL",
+    p.add_argument("--evaluate", type=path_value, default=None, metavar="MODEL",
                    help="no training: write the report (report.json, confusion_matrix.png, misclassified.png) of a "
                         "saved best_model.pth on its own dataset, into its folder (or --out-dir)")
     p.add_argument("--dataset", choices=list(DATASETS), default=None,
@@ -2748,12 +2766,12 @@ def parse_args(argv=None):
                         "in DATA_DIR/train/<class>/ and DATA_DIR/test/<class>/ (or val/; without either, 10%% of "
                         "train/ is held out) (default: folder if DATA_DIR holds train/, else cifar10; a resumed "
                         "run's own)")
-    p.add_argument("--data-dir", type=Path, default=None,
+    p.add_argument("--data-dir", type=path_value, default=None,
                    help=f"folder holding the dataset (default: {DEFAULT_DATA_DIR}, or the resumed run's)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image folders: every image is resized to this many pixels square (default: 32, or the "
                         "resumed run's); CIFAR images are 32")
-    p.add_argument("--out-dir", type=Path, default=None,
+    p.add_argument("--out-dir", type=path_value, default=None,
                    help=f"folder for the run's outputs; one that already holds a run is refused unless --resume "
                         f"or --overwrite is given (default: a new folder {RUNS_DIR}/<dataset>-NNN, or the folder of "
                         f"--resume PATH)")
@@ -2782,6 +2800,13 @@ def parse_args(argv=None):
     return args
 
 
+def path_value(text):
+    """A path flag: an empty one (an unset shell variable: --out-dir "$RUN") is refused, not taken for '.'."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return Path(text)
+
+
 def budget_value(text):
     """--budget: a duration, in seconds."""
     try:
@@ -2803,6 +2828,12 @@ def val_split_value(text):
         raise argparse.ArgumentTypeError(f"{text!r} is neither a count of images (0 or more) nor a fraction between "
                                          f"0 and 1")
     return value
+
+
+# What --evaluate refuses: each decides how a model is trained, or is read from the saved model.
+TRAINING_ONLY_FLAGS = ("epochs", "budget", "batch_size", "backprop_fraction", "small_crop_epochs", "lr", "weight_decay",
+                       "model", "width_mult", "precision", "seed", "val_split", "patience", "folds", "dataset",
+                       "image_size", "resume", "overwrite", "log_every", "disable_auto", "dry_run", "simulate_gpus")
 
 
 def validate_args(args):
@@ -2851,6 +2882,13 @@ def validate_args(args):
         bad(f"--log-every must be at least 1, got {args.log_every}.")
     if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
         bad(f"--image-size must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels, got {args.image_size}.")
+    if args.evaluate is not None:
+        given = ["--" + name.replace("_", "-") for name in TRAINING_ONLY_FLAGS
+                 if getattr(args, name) not in (None, False)]
+        if given:
+            bad(f"--evaluate judges a saved model as it was trained (its dataset, split, image size, network and "
+                f"precision); {', '.join(given)} would change nothing and cannot be given with it. Only --data-dir, "
+                f"--out-dir, --tta and --device apply.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2953,9 +2991,10 @@ def evaluate_saved_model(args, hw):
     device = torch.device("cuda", hw.gpus[0].index) if hw.gpus else torch.device("cpu")
     data_dir = args.data_dir or Path(saved["data_dir"])
     dataset = choose_dataset(saved["dataset_key"], data_dir)
-    out_dir = args.out_dir or path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_out_dir(out_dir)
+    # Claimed as a resumed run's folder: made if need be (and removed again if nothing gets written), locked,
+    # checked for writing and space; one that holds a run is expected (the model's own).
+    out_dir, lock, created = claim_out_dir(args.out_dir or path.parent, resuming=True, overwrite=False,
+                                           run_prefix=None)
     try:
         fetch_dataset(dataset, data_dir, 0, DOWNLOAD_WAIT_S, saved["image_size"])
         stage(3, f"Loading {dataset.title}")
@@ -2971,7 +3010,7 @@ def evaluate_saved_model(args, hw):
         print_reports(reports)
         save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=args.tta))
     finally:
-        release_out_dir(out_dir, lock, created=False)
+        release_out_dir(out_dir, lock, created)
     stage(9, f"Wrote {', '.join(REPORT_FILES)} to {out_dir}")
     return 0
 
@@ -3018,6 +3057,9 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
         if completed:
             run.stop.finishing = True  # every epoch is saved: a stop from here on need not wait for anything
             finish_run(run, data, tta)
+            if run.stop.signal is not None and dist.is_main:  # its exception was swallowed (see StopRequest)
+                print(f"[stop] {signal.Signals(run.stop.signal).name} came as the run finished: it finished, and "
+                      f"everything is saved in {out_dir}.", file=sys.stderr)
             run.stop.finishing = False  # all saved: a stop is only noted now (a cross-validation checks it)
     except TrainingFailed:
         draw_stale_curves(run)
@@ -3041,7 +3083,8 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
 def resume_command(dist, out_dir, cross_validation=False):
     """How to continue the run in out_dir: a single run from its last.pth, a cross-validation from its folder."""
     launcher = "python train.py" if dist.world_size == 1 else torchrun_command(dist.local_world_size)
-    return f"{launcher} --resume " + (f"--out-dir {out_dir}" if cross_validation else str(out_dir / "last.pth"))
+    path = shlex.quote(str(out_dir if cross_validation else out_dir / "last.pth"))  # pasted into a shell
+    return f"{launcher} --resume " + (f"--out-dir {path}" if cross_validation else path)
 
 
 def cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, data, fingerprint, seed, threads):
@@ -3140,15 +3183,27 @@ def cross_validation_text(state):
 
 
 def cli():
+    # SIGTERM before training (data decoding, a --budget probe) unwinds like Ctrl-C, so the folder a run made
+    # and its lock are cleared away; training installs its own handlers (StopRequest). Not under torchrun: there
+    # SIGTERM is how torchrun ends the other ranks when one fails, and a rank waiting in a collective could not
+    # run a handler until torchrun's SIGKILL, 30 s later.
+    if Dist.from_environment().world_size == 1:
+        signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         code = main()
     except (UserError, DataError) as e:
         code = report_failure(e, EXIT_BAD_INPUT)
     except TrainingFailed as e:
         code = report_failure(e, EXIT_TRAINING_FAILED)
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        print("\n[stop] interrupted before training started; nothing was written", file=sys.stderr)
-        code = EXIT_SIGINT
+    except (KeyboardInterrupt, Interrupted) as e:  # before training started: nothing to save
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\n[stop] {signal.Signals(signum).name} before training started; nothing was written",
+              file=sys.stderr)
+        code = exit_code_for(signum)
+    except RuntimeError as e:
+        if CPU_OUT_OF_MEMORY not in str(e):
+            raise
+        code = report_failure(cpu_out_of_memory_message(e), EXIT_TRAINING_FAILED)
     if Dist.from_environment().world_size > 1:
         # A torchrun rank leaves without the interpreter's teardown, in which gloo's worker threads can abort it
         # after a complete run (Dist.close says how) and torchrun then reports the run failed; a failed rank never
@@ -3157,6 +3212,18 @@ def cli():
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def cpu_out_of_memory_message(error):
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    more = f" (asking for {int(asked[1]) / 2**20:,.0f} MiB more)" if asked else ""
+    return (f"Out of memory on the CPU{more}. "
+            f"Whatever the run saved stays (last.pth holds its last completed epoch; --resume continues it). Give a "
+            f"smaller --batch-size or --model, or close other programs.")
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def report_failure(error, code):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from conftest import build_tiny_run, run_trainer
+from conftest import TINY, build_tiny_run, run_cli, run_trainer
 
 
 def inject_out_of_memory(run, monkeypatch, at_steps):
@@ -53,3 +53,20 @@ def test_diverging_training_stops_with_advice_and_keeps_outputs(tiny_data, tmp_p
     assert result.returncode == 3, result.stdout + result.stderr
     assert "training diverged" in result.stderr and "--lr 1e+30 (the recipe's: 0.24)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_running_out_of_cpu_memory_is_one_paragraph_and_keeps_the_last_epoch(tiny_data, tmp_path, monkeypatch):
+    training_step, calls = train.training_step, {"n": 0}
+
+    def step_running_out(*args, **kwargs):  # PyTorch's own error when malloc fails (a ulimit, a full machine)
+        calls["n"] += 1
+        if calls["n"] == 13:  # step 3 of epoch 2
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+        return training_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_step", step_running_out)
+    result = run_cli("--epochs", 2, "--data-dir", tiny_data, "--out-dir", tmp_path, *TINY, "--tta", 0)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert "error: Out of memory on the CPU (asking for 8,192 MiB more)" in result.stderr
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 1

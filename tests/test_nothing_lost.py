@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,6 +261,41 @@ def test_sigterm_during_the_final_evaluation_stops_at_once_with_143(tmp_path):
     assert "[eval]" not in stdout
     assert_all_finite(tmp_path / "run" / "best_model.pth")
 
+
+
+def test_sigterm_before_training_stops_with_143_and_leaves_no_folder(tiny_data, tmp_path):
+    """While a --budget run probes (or the data loads), before any handler of the training loop is installed."""
+    process = start_trainer("--budget", "10m", "--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, *QUICK)
+    wait_for_line(process, "[run] outputs go to")
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert "[stop] SIGTERM before training started; nothing was written" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()  # the folder it made is gone, its lock with it
+
+
+def test_a_stop_while_the_last_epoch_saves_leaves_the_final_evaluation_to_resume(tiny_data, tmp_path, monkeypatch):
+    run, data = build_tiny_run(tiny_data, tmp_path, 100)
+    save_outputs = train.save_outputs
+
+    def save_as_ctrl_c_arrives(run, **kwargs):
+        save_outputs(run, **kwargs)
+        if len(run.history["epochs"]) == run.epochs_planned:
+            run.stop.signal = signal.SIGINT
+
+    monkeypatch.setattr(train, "save_outputs", save_as_ctrl_c_arrives)
+    assert train.train_loop(run, data) is False  # stopped, not completed: no minutes of TTA after a Ctrl-C
+    assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == run.epochs_planned
+    monkeypatch.undo()
+    resumed = run_cli("--resume", tmp_path / "last.pth")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "--- [10/10] Done" in resumed.stdout and "Epoch [" not in resumed.stdout  # only the final evaluation
+
+
+def test_printed_resume_commands_can_be_pasted_into_a_shell():
+    assert train.resume_command(train.Dist(), Path("runs/my run")) == "python train.py --resume 'runs/my run/last.pth'"
+    assert train.resume_command(train.Dist(), Path("cv 1"), cross_validation=True) == \
+        "python train.py --resume --out-dir 'cv 1'"
 
 def test_omp_num_threads_is_respected_and_named_in_the_plan(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

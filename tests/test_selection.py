@@ -124,3 +124,17 @@ def test_evaluate_remakes_the_report_of_a_saved_model(finished_run, tiny_data, t
 
     result = run_cli("--evaluate", finished_run / "last.pth")
     assert result.returncode == 2 and "is a run's training state (last.pth), for --resume" in result.stderr
+
+
+def test_evaluate_refuses_what_it_cannot_honour_and_leaves_no_folder(finished_run, tmp_path):
+    model = finished_run / "best_model.pth"
+    result = run_cli("--evaluate", model, "--image-size", 40, "--epochs", 3)
+    assert result.returncode == 2 and "--epochs, --image-size would change nothing" in result.stderr
+    (tmp_path / "a_file").write_text("keep me")
+    result = run_cli("--evaluate", model, "--out-dir", tmp_path / "a_file")
+    assert result.returncode == 2 and "a_file is a file, not a folder" in result.stderr
+    result = run_cli("--evaluate", model, "--out-dir", tmp_path / "new", "--data-dir", tmp_path / "a_file" / "data")
+    assert result.returncode == 2 and "cannot be made to download it into (Not a directory)" in result.stderr
+    assert not (tmp_path / "new").exists()  # made for the report, removed when none was written
+    result = run_cli("--evaluate", model, "--out-dir", "")
+    assert result.returncode == 2 and "an empty path (an unset shell variable?)" in result.stderr
