@@ -10,7 +10,8 @@ Each image is decoded and resized as training decoded its images (datasets.decod
 the statistics saved in the checkpoint. One line per image on stdout, in the order the paths were given
 (folders sorted): `photos/cat1.jpg: cat 91.2%, dog 5.1%, frog 1.0%`.
 Exit codes: 0 every image classified; 1 some path was unreadable, missing or an empty folder (each named on
-stderr; the others are still classified); 2 a bad model file or flag; 130 Ctrl-C.
+stderr; the others are still classified); 2 a bad model file or flag; 130 Ctrl-C; 141 (as a process killed by
+SIGPIPE) when stdout's reader stopped reading (| head), which is nothing wrong with the images.
 """
 import argparse
 import os
@@ -27,6 +28,7 @@ from datasets import IMAGE_EXTENSIONS, decode_images, image_files
 from models import count_parameters
 
 EXIT_SOME_FAILED = 1
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE's number: what a shell reports for a reader that stopped early
 BENCHMARK_BATCH_SIZES = (1, 256)
 BENCHMARK_SECONDS = 2.0  # per batch size: a fixed time, so that a slow CPU is measured as quickly as a GPU
 
@@ -165,7 +167,7 @@ def cli():
         code = train.EXIT_SIGINT
     except BrokenPipeError:  # stdout's reader stopped early (e.g. | head): Python's docs' way to exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_SOME_FAILED
+        code = EXIT_BROKEN_PIPE
     sys.exit(code)
 
 

@@ -140,6 +140,8 @@ def summary_table(report, split):
               f"most confused with")
 
     def row(entry):
+        if entry["images"] == 0:  # no score to show: zeros would read as a class the model never gets right
+            return f"  {short_name(entry['class']):<16} {0:>7}  (no images in this split: left out of the means)"
         confused = entry["most_confused_with"]
         return (f"  {short_name(entry['class']):<16} {entry['images']:>7,} {entry['accuracy']:>8.2f}% "
                 f"{entry['precision']:>9.4f} {entry['recall']:>7.4f} {entry['f1']:>7.4f}  "

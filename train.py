@@ -2372,6 +2372,12 @@ def load_trained_model(path):
     path = Path(path)
     give = "Give the best_model.pth that train.py wrote in its run folder, e.g. runs/cifar10-001/best_model.pth."
     if not path.is_file():
+        if (path.parent / "last.pth").is_file() and not path.is_dir():
+            last = shlex.quote(str(path.parent / "last.pth"))
+            give = (f"{path.parent} holds a run's last.pth only: it stopped before saving a model (which it does at "
+                    f"each epoch's end). Continue it: python train.py --resume {last}")
+        elif (path / "best_model.pth").is_file():
+            give = f"Give the model in that folder: {path / 'best_model.pth'}."
         raise UserError(f"No model file at {path}{' (a folder)' if path.is_dir() else ''}. {give}")
     if damaged := damaged_member(path):
         raise UserError(f"{path} is damaged ({damaged} fails its checksum): it was truncated or altered on disk. "

@@ -123,6 +123,27 @@ def test_bad_model_file_is_refused_in_one_paragraph(kind, model_path, finished_r
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+
+def test_a_run_that_saved_no_model_yet_or_a_run_folder_is_answered_with_what_to_do(finished_run, tmp_path, capsys):
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "last.pth").write_bytes((finished_run / "last.pth").read_bytes())
+    assert predict.main([str(tmp_path / "stopped" / "best_model.pth"), "image.png"]) == 2
+    assert "holds a run's last.pth only: it stopped before saving a model" in capsys.readouterr().err
+    assert predict.main([str(finished_run), "image.png"]) == 2
+    assert f"(a folder). Give the model in that folder: {finished_run / 'best_model.pth'}." in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_not_an_unreadable_image(model_path, tmp_path):
+    for i in range(400):  # more lines than stdout's buffer holds
+        Image.new("RGB", (32, 32), (i % 256, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), str(model_path), str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith(str(tmp_path))  # `| head -1`
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == predict.EXIT_BROKEN_PIPE == 141
+    assert "Traceback" not in stderr and "gave no prediction" not in stderr
+
 @pytest.mark.parametrize("flag", [["--top-k", "0"], ["--batch-size", "0"]])
 def test_bad_flag_is_refused(flag, model_path, capsys):
     # In-process (main returns the exit code): the same path as a subprocess, without a second start of torch.

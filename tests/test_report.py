@@ -104,6 +104,8 @@ def test_class_without_images_is_left_out_of_class_accuracy_and_macro():
     assert result["weighted"] == {"precision": close(0.857143), "recall": close(0.714286),  # 6/7, 5/7
                                   "f1": close(0.775510)}  # 38/49
     assert result["cohen_kappa"] == close(0.5)  # p_o 35/49, p_e 21/49
+    dog_row = next(line for line in summary_table(result, "test").splitlines() if line.split()[:1] == ["dog"])
+    assert dog_row.split()[1:] == ["0", "(no", "images", "in", "this", "split:", "left", "out", "of", "the", "means)"]
 
 
 def class_rows(table, prefix):
