@@ -20,6 +20,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +150,8 @@ def refuse_data_dir_inside_data(dataset, data_dir):
     with_images = [name for name in sub_folders(data_dir)[:3] if image_files(data_dir / name, data_dir)] \
         if data_dir.is_dir() else []  # the first few: a data folder may hold much else
     if with_images:
-        raise DataError(f"--data-dir {data_dir} holds folders of images ({', '.join(with_images)}) but no train/ folder, "
-                        f"so it was taken for {dataset.title}, which is not there. An image folder holds "
+        raise DataError(f"--data-dir {data_dir} holds folders of images ({', '.join(with_images)}) but no train/ "
+                        f"folder, so it was taken for {dataset.title}, which is not there. An image folder holds "
                         f"train/<class>/<images> and, for testing, test/<class>/<images>: move the class folders "
                         f"into {data_dir / 'train'}/, or, if {data_dir.name}/ is such a split, point --data-dir at "
                         f"the folder above it.")
@@ -502,23 +503,33 @@ def image_files(folder, relative_to):
 def decode_image(path, size):
     """(uint8 (size, size, 3) array, None), or (None, why) if Pillow cannot read the file."""
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))  # a JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale
-            image = ImageOps.exif_transpose(image)  # a phone's photo the way up a viewer shows it
-            if image.mode == "F":  # its range is anyone's guess (0-1? 0-255?): not guessed
-                return None, "floating-point pixels (mode F); save the image with 8 or 16 bits a channel"
-            if image.mode.startswith("I"):  # 16-bit (I;16) or 32-bit (I) grey levels, which convert() clips
-                image = Image.fromarray((np.asarray(image, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                # Bilinear, as torchvision's Resize: Pillow widens its filter when shrinking, so a large image
-                # is averaged down rather than sampled (no aliasing), and it is cheaper than bicubic or Lanczos.
-                image = image.resize((size, size), Image.BILINEAR)
-            return np.asarray(image), None
+        with warnings.catch_warnings():
+            # Pillow's warnings of a very large image (it is decoded scaled down) and of a palette's transparency
+            # (dropped, as any alpha) would print a source line each, from each decoding process.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            with Image.open(path) as image:
+                return rgb_pixels(image, size)
     except UnidentifiedImageError:  # its message repeats the whole path
         return None, "not an image format Pillow reads"
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError... for broken files
         return None, f"{type(e).__name__}: {e}"
+
+
+def rgb_pixels(image, size):
+    """decode_image's answer for an opened image."""
+    image.draft("RGB", (size, size))  # a JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale
+    image = ImageOps.exif_transpose(image)  # a phone's photo the way up a viewer shows it
+    if image.mode == "F":  # its range is anyone's guess (0-1? 0-255?): not guessed
+        return None, "floating-point pixels (mode F); save the image with 8 or 16 bits a channel"
+    if image.mode.startswith("I"):  # 16-bit (I;16) or 32-bit (I) grey levels, which convert() clips
+        image = Image.fromarray((np.asarray(image, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        # Bilinear, as torchvision's Resize: Pillow widens its filter when shrinking, so a large image
+        # is averaged down rather than sampled (no aliasing), and it is cheaper than bicubic or Lanczos.
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image), None
 
 
 def decode_images(paths, image_size):

@@ -2085,9 +2085,13 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
             remove_stale_temporaries(out_dir)
         found = previous_run(out_dir)
         if found and not resuming and not overwrite:
-            raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). Continue it with --resume "
-                            f"--out-dir {shlex.quote(str(out_dir))}, replace it with --overwrite, or leave out "
-                            f"--out-dir to start the new run in a new folder under {RUNS_DIR}/.")
+            # A folder with a best_model.pth alone (its last.pth never written: a full disk) has nothing to resume.
+            resumable = any((out_dir / name).is_file() for name in ("last.pth", CROSS_VALIDATION_STATE))
+            continue_it = f"Continue it with --resume --out-dir {shlex.quote(str(out_dir))}, replace" if resumable \
+                else "It has no last.pth to continue from: replace"
+            raise UserError(f"--out-dir {out_dir} already holds a run ({', '.join(found)}). {continue_it} it with "
+                            f"--overwrite, or leave out --out-dir to start the new run in a new folder under "
+                            f"{RUNS_DIR}/.")
         probe = out_dir / f".write_test.{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()

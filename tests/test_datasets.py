@@ -7,6 +7,7 @@ import pickle
 import shutil
 import tarfile
 import threading
+import warnings
 from multiprocessing import Pool
 
 import numpy as np
@@ -156,7 +157,7 @@ def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path):
 def test_a_data_dir_that_is_the_data_itself_is_refused_not_downloaded_into(tmp_path):
     offline = dataclasses.replace(DATASETS["cifar10"], url=(tmp_path / "nowhere.tar.gz").as_uri())
     batches = write_tiny_cifar(tmp_path / "data")  # data/cifar-10-batches-py
-    with pytest.raises(DataError, match=f"--data-dir {batches} is CIFAR-10's own folder .*holds it, {tmp_path / 'data'}"):
+    with pytest.raises(DataError, match=f"{batches} is CIFAR-10's own folder .*holds it, {tmp_path / 'data'}"):
         ensure_dataset(offline, batches)
     hundred = write_tiny_cifar100(tmp_path / "c100", train_size=10, test_size=10)
     with pytest.raises(DataError, match="is CIFAR-100's own folder .*, with --dataset cifar100"):
@@ -276,7 +277,7 @@ def test_image_folder_loads_skipping_a_broken_file(tmp_path, capsys):
 
 
 
-def test_decoding_turns_phone_photos_upright_scales_16_bit_grey_and_refuses_float_pixels(tmp_path):
+def test_decoding_turns_phone_photos_upright_scales_16_bit_grey_and_refuses_float_pixels(tmp_path, monkeypatch):
     sideways = np.zeros((32, 64, 3), np.uint8)
     sideways[:, :32] = (255, 0, 0)  # stored: red left half, blue right half
     sideways[:, 32:] = (0, 0, 255)
@@ -291,6 +292,12 @@ def test_decoding_turns_phone_photos_upright_scales_16_bit_grey_and_refuses_floa
     Image.fromarray(grey).save(tmp_path / "grey16.png")
     pixels, _ = datasets.decode_image(tmp_path / "grey16.png", 32)
     assert np.abs(pixels[..., 0].astype(float) - grey / 257).max() <= 0.5 and (pixels[..., 0] == pixels[..., 2]).all()
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "large.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 64x64 is then "large": Pillow warns, and it decodes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert datasets.decode_image(tmp_path / "large.jpg", 32)[0].shape == (32, 32, 3)
 
     Image.fromarray(np.random.default_rng(1).random((32, 32)).astype(np.float32), mode="F").save(tmp_path / "f.tif")
     assert datasets.decode_image(tmp_path / "f.tif", 32) == (None, "floating-point pixels (mode F); save the image "

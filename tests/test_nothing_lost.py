@@ -55,6 +55,11 @@ def test_an_out_dir_holding_a_run_needs_resume_or_overwrite(finished_run, tiny_d
     assert_refused(result, "already holds a run")
     assert "--resume --out-dir" in result.stderr and "--overwrite" in result.stderr
     assert snapshot(out) == before
+    (out / "last.pth").rename(tmp_path / "last.pth")  # as after a full disk at the first epoch's last.pth
+    result = run_cli("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out)
+    assert_refused(result, "It has no last.pth to continue from: replace it with --overwrite")
+    assert "--resume" not in result.stderr
+    (tmp_path / "last.pth").rename(out / "last.pth")
 
     result = run_trainer("--epochs", 1, *other_model, "--data-dir", tiny_data, "--out-dir", out, "--overwrite")
     assert result.returncode == 0, result.stderr
