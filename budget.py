@@ -36,7 +36,9 @@ def parse_duration(text):
 
 
 def duration_text(seconds):
-    """12 min 5 s, 1 h 3 min, 45 s."""
+    """12 min 5 s, 1 h 3 min, 45 s; 0.1 s."""
+    if seconds < 0.5:
+        return f"{seconds:.1g} s"
     seconds = math.floor(seconds + 0.5)  # halves up: round() would print 564.5 and 564.54 a second apart
     if seconds < 60:
         return f"{seconds} s"

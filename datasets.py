@@ -147,14 +147,24 @@ def refuse_data_dir_inside_data(dataset, data_dir):
             raise DataError(f"--data-dir {data_dir} is {other.title}'s own folder ({other.folder}/); point --data-dir "
                             f"at the folder that holds it, {data_dir.parent}"
                             f"{'' if other is dataset else f', with --dataset {other.key}'}.")
-    with_images = [name for name in sub_folders(data_dir)[:3] if image_files(data_dir / name, data_dir)] \
-        if data_dir.is_dir() else []  # the first few: a data folder may hold much else
+    # Class folders hold images at once or one folder down; a folder with a train/ of its own is another dataset.
+    with_images = [name for name in (sub_folders(data_dir) if data_dir.is_dir() else [])
+                   if not (data_dir / name / "train").is_dir() and holds_images_near_the_top(data_dir / name)]
     if with_images:
         raise DataError(f"--data-dir {data_dir} holds folders of images ({', '.join(with_images)}) but no train/ "
                         f"folder, so it was taken for {dataset.title}, which is not there. An image folder holds "
                         f"train/<class>/<images> and, for testing, test/<class>/<images>: move the class folders "
                         f"into {data_dir / 'train'}/, or, if {data_dir.name}/ is such a split, point --data-dir at "
                         f"the folder above it.")
+
+
+def holds_images_near_the_top(folder):
+    for root, dirs, file_names in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in file_names):
+            return True
+        if root != str(folder):
+            dirs.clear()  # no deeper than one folder down
+    return False
 
 
 def fetch_dataset(dataset, data_dir, local_rank, wait_s, image_size=CIFAR_IMAGE_SIZE, local_world_size=1):
@@ -243,6 +253,8 @@ def download(dataset, data_dir):
         ) from None
     if file_md5(partial) != dataset.md5:
         partial.unlink()
+        if made and not any(data_dir.iterdir()):
+            data_dir.rmdir()
         raise DataError(f"The {dataset.title} archive downloaded from {dataset.url} does not have the expected MD5 "
                         f"{dataset.md5}; it was deleted. Try again, or download {dataset.archive} by hand into "
                         f"{data_dir}.")
@@ -519,10 +531,13 @@ def decode_image(path, size):
 def rgb_pixels(image, size):
     """decode_image's answer for an opened image."""
     image.draft("RGB", (size, size))  # a JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale
-    image = ImageOps.exif_transpose(image)  # a phone's photo the way up a viewer shows it
+    try:
+        image = ImageOps.exif_transpose(image)  # a phone's photo the way up a viewer shows it
+    except Exception:  # a malformed EXIF block, on which Pillow has raised in some releases: the image as stored
+        pass
     if image.mode == "F":  # its range is anyone's guess (0-1? 0-255?): not guessed
         return None, "floating-point pixels (mode F); save the image with 8 or 16 bits a channel"
-    if image.mode.startswith("I"):  # 16-bit (I;16) or 32-bit (I) grey levels, which convert() clips
+    if image.mode.startswith("I"):  # grey levels of 16 bits (I;16, or I from some readers), which convert() clips
         image = Image.fromarray((np.asarray(image, np.float64) / 257).clip(0, 255).round().astype(np.uint8))
     image = image.convert("RGB")
     if image.size != (size, size):
@@ -540,9 +555,16 @@ def decode_images(paths, image_size):
     if workers == 1 or len(paths) < POOL_MIN_FILES:
         yield from map(decode, paths)
         return
-    # The workers ignore Ctrl-C: the trainer stops them, rather than each printing its own traceback.
-    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:
         yield from pool.imap(decode, paths, chunksize=256)
+
+
+def quiet_worker():
+    """A decoding process leaves stops to the trainer, which ends the pool, rather than each printing its own
+    traceback: it ignores Ctrl-C, and SIGTERM (to the whole process group) ends it as it would any process, not
+    through the trainer's handler, which it inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def decode_split(data_dir, split, files, image_size):

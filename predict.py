@@ -14,7 +14,9 @@ stderr; the others are still classified); 2 a bad model file or flag; 130 Ctrl-C
 SIGPIPE) when stdout's reader stopped reading (| head), which is nothing wrong with the images.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from datasets import IMAGE_EXTENSIONS, decode_images, image_files
 from models import count_parameters
 
 EXIT_SOME_FAILED = 1
-EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE's number: what a shell reports for a reader that stopped early
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process whose reader stopped early
 BENCHMARK_BATCH_SIZES = (1, 256)
 BENCHMARK_SECONDS = 2.0  # per batch size: a fixed time, so that a slow CPU is measured as quickly as a GPU
 
@@ -160,8 +162,11 @@ def main(argv=None):
 
 
 def cli():
+    with contextlib.suppress(AttributeError):  # a file name in another encoding prints as its own bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         code = main()
+        sys.stdout.flush()  # the last buffered lines: a reader gone by now raises here, not at exit
     except KeyboardInterrupt:
         print("\n[stop] interrupted: the lines printed so far are the images classified", file=sys.stderr)
         code = train.EXIT_SIGINT

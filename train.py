@@ -578,11 +578,11 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     candidates, by_time = budget_candidates(args, plan, dataset, budget.load_table())
     budget_seconds = plan["budget"]["seconds"]
     # Refused before a probe of tens of seconds where nothing could come of it.
-    spent = time.time() - STARTED
+    spent = dist.broadcast_object(time.time() - STARTED)  # rank 0's, as the choice is
     if spent >= budget_seconds:
         raise UserError(f"--budget {budget.duration_text(budget_seconds)} was spent before training could start: "
-                        f"starting up and loading the data took {budget.duration_text(spent)}. Give --budget 1m or "
-                        f"more. Nothing was trained or written.")
+                        f"starting up and loading the data took {budget.duration_text(spent)}. Give --budget "
+                        f"{math.ceil(2 * spent / 60)}m or more. Nothing was trained or written.")
     fitting = [c for c in candidates if c.batch_size <= len(data.train_images)]
     if not fitting:
         raise UserError(batch_too_large(min(c.batch_size for c in candidates), len(data.train_images)))
@@ -1429,7 +1429,8 @@ def hardware_for_json(hw):
 
 
 def train_loop(run, data):
-    """Train epochs from where the run stands; evaluate and save after each. False if stopped early."""
+    """Train epochs from where the run stands; evaluate and save after each. False if stopped (also after the
+    last epoch: the final evaluation is then left to --resume)."""
     epoch, epoch_start = run.start_epoch, None
     while epoch < run.epochs_planned:
         if patience_ran_out(run, epoch):  # checked here, not after the epoch, so a resumed run stops too
@@ -2097,7 +2098,7 @@ def claim_out_dir(out_dir, resuming, overwrite, run_prefix):
         probe.unlink()
         free_mb = shutil.disk_usage(out_dir).free / 2**20
         if free_mb < MIN_FREE_DISK_MB:
-            raise UserError(f"Only {free_mb:.0f} MB free where {out_dir} lives; checkpoints need at least "
+            raise UserError(f"Only {free_mb:.0f} MB free where {out_dir} lives; checkpoints and reports need at least "
                             f"{MIN_FREE_DISK_MB} MB. Free some space or choose another --out-dir.")
         return out_dir, lock, created
     except OSError as e:
@@ -2376,7 +2377,9 @@ def load_trained_model(path):
     path = Path(path)
     give = "Give the best_model.pth that train.py wrote in its run folder, e.g. runs/cifar10-001/best_model.pth."
     if not path.is_file():
-        if (path.parent / "last.pth").is_file() and not path.is_dir():
+        if (path.parent / "best_model.pth").is_file() and not path.is_dir():
+            give = f"Did you mean {path.parent / 'best_model.pth'}?"
+        elif (path.parent / "last.pth").is_file() and not path.is_dir():
             last = shlex.quote(str(path.parent / "last.pth"))
             give = (f"{path.parent} holds a run's last.pth only: it stopped before saving a model (which it does at "
                     f"each epoch's end). Continue it: python train.py --resume {last}")
@@ -2806,7 +2809,7 @@ def parse_args(argv=None):
                    help="plan for these GPUs instead of the detected ones (implies --dry-run), "
                         "e.g. \"NVIDIA RTX A6000:48,NVIDIA GeForce RTX 3090:24\"")
     args = p.parse_args(argv)
-    validate_args(args)
+    validate_args(args, defaults=vars(p.parse_args([])))
     return args
 
 
@@ -2840,13 +2843,12 @@ def val_split_value(text):
     return value
 
 
-# What --evaluate refuses: each decides how a model is trained, or is read from the saved model.
-TRAINING_ONLY_FLAGS = ("epochs", "budget", "batch_size", "backprop_fraction", "small_crop_epochs", "lr", "weight_decay",
-                       "model", "width_mult", "precision", "seed", "val_split", "patience", "folds", "dataset",
-                       "image_size", "resume", "overwrite", "log_every", "disable_auto", "dry_run", "simulate_gpus")
+# What --evaluate takes besides itself (and --num-workers, ignored by every command); every other flag decides how
+# a model is trained, or is read from the saved model.
+EVALUATE_FLAGS = ("data_dir", "out_dir", "tta", "device")
 
 
-def validate_args(args):
+def validate_args(args, defaults):
     def bad(message):
         raise UserError(message + " See python train.py --help.")
 
@@ -2893,12 +2895,16 @@ def validate_args(args):
     if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
         bad(f"--image-size must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels, got {args.image_size}.")
     if args.evaluate is not None:
-        given = ["--" + name.replace("_", "-") for name in TRAINING_ONLY_FLAGS
-                 if getattr(args, name) not in (None, False)]
+        given = [flag_name(name) for name, value in vars(args).items()
+                 if name not in ("evaluate", "num_workers", *EVALUATE_FLAGS) and value != defaults[name]]
         if given:
             bad(f"--evaluate judges a saved model as it was trained (its dataset, split, image size, network and "
-                f"precision); {', '.join(given)} would change nothing and cannot be given with it. Only --data-dir, "
-                f"--out-dir, --tta and --device apply.")
+                f"precision); {', '.join(given)} would change nothing and cannot be given with it. Only "
+                f"{', '.join(map(flag_name, EVALUATE_FLAGS))} apply.")
+
+
+def flag_name(dest):
+    return "--" + dest.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3003,8 +3009,12 @@ def evaluate_saved_model(args, hw):
     dataset = choose_dataset(saved["dataset_key"], data_dir)
     # Claimed as a resumed run's folder: made if need be (and removed again if nothing gets written), locked,
     # checked for writing and space; one that holds a run is expected (the model's own).
-    out_dir, lock, created = claim_out_dir(args.out_dir or path.parent, resuming=True, overwrite=False,
-                                           run_prefix=None)
+    out_dir = args.out_dir or path.parent
+    if out_dir.resolve() != path.parent.resolve() and out_dir.is_dir() and holds_run(out_dir):
+        raise UserError(f"--evaluate: --out-dir {out_dir} holds another run ({', '.join(previous_run(out_dir))}), "
+                        f"whose report this one would replace. Choose an empty or new --out-dir, or leave it out to "
+                        f"write the report beside {path}.")
+    out_dir, lock, created = claim_out_dir(out_dir, resuming=True, overwrite=False, run_prefix=None)
     try:
         fetch_dataset(dataset, data_dir, 0, DOWNLOAD_WAIT_S, saved["image_size"])
         stage(3, f"Loading {dataset.title}")
@@ -3199,19 +3209,20 @@ def cli():
     # run a handler until torchrun's SIGKILL, 30 s later.
     if Dist.from_environment().world_size == 1:
         signal.signal(signal.SIGTERM, raise_interrupted)
+    with contextlib.suppress(AttributeError):  # a file name in another encoding prints as its own bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         code = main()
     except (UserError, DataError) as e:
         code = report_failure(e, EXIT_BAD_INPUT)
     except TrainingFailed as e:
         code = report_failure(e, EXIT_TRAINING_FAILED)
-    except (KeyboardInterrupt, Interrupted) as e:  # before training started: nothing to save
+    except (KeyboardInterrupt, Interrupted) as e:  # before training started, or --evaluate: nothing to save
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"\n[stop] {signal.Signals(signum).name} before training started; nothing was written",
-              file=sys.stderr)
+        print(f"\n[stop] {signal.Signals(signum).name} before any training; nothing was written", file=sys.stderr)
         code = exit_code_for(signum)
-    except RuntimeError as e:
-        if CPU_OUT_OF_MEMORY not in str(e):
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, RuntimeError) and CPU_OUT_OF_MEMORY not in str(e):
             raise
         code = report_failure(cpu_out_of_memory_message(e), EXIT_TRAINING_FAILED)
     if Dist.from_environment().world_size > 1:
@@ -3227,9 +3238,9 @@ def cli():
 def cpu_out_of_memory_message(error):
     asked = re.search(r"allocate (\d+) bytes", str(error))
     more = f" (asking for {int(asked[1]) / 2**20:,.0f} MiB more)" if asked else ""
-    return (f"Out of memory on the CPU{more}. "
-            f"Whatever the run saved stays (last.pth holds its last completed epoch; --resume continues it). Give a "
-            f"smaller --batch-size or --model, or close other programs.")
+    return (f"Out of memory on the CPU{more}. Anything saved before stays: a run's last.pth holds its last completed "
+            f"epoch, and --resume continues it. Close other programs, or train with a smaller --batch-size or "
+            f"--model.")
 
 
 def raise_interrupted(signum, frame):

@@ -164,18 +164,18 @@ def test_a_budget_that_fits_nothing_names_the_smallest_that_would():
         budget.choose([SMALL, POWER], probes, CIFAR10, smallest * 0.99, tta=2)
 
 
-
 def test_a_budget_spent_before_training_or_a_batch_larger_than_the_data_is_refused_before_the_probe(tiny_data,
                                                                                                      tmp_path):
     result = run_trainer("--budget", "0.1s", "--data-dir", tiny_data, "--out-dir", tmp_path / "a", "--model",
                          "SmallCifarNet", "--batch-size", 100)  # a process of its own: its start-up is counted
-    assert result.returncode == 2 and "--budget 0 s was spent before training could start" in result.stderr
+    assert result.returncode == 2 and "--budget 0.1 s was spent before training could start" in result.stderr
     assert "[budget] probe" not in result.stdout and not (tmp_path / "a").exists()
     write_tiny_cifar100(tmp_path / "c100", train_size=60, test_size=20)
     result = run_cli("--budget", "10h", "--dataset", "cifar100", "--data-dir", tmp_path / "c100", "--batch-size", 100,
                      "--out-dir", tmp_path / "b")
     assert result.returncode == 2 and "The batch size, 100, is larger than the 60 training images" in result.stderr
     assert "[budget] probe" not in result.stdout and not (tmp_path / "b").exists()
+
 
 def test_without_measured_accuracy_the_most_epochs_that_fit_win():
     unknown = Candidate("ResNet18", {}, "fp32", 128)

@@ -122,7 +122,7 @@ def test_download_checks_md5_then_extracts(tmp_path):
     wrong = dataclasses.replace(CIFAR100, url=archive.as_uri(), md5="0" * 32)
     with pytest.raises(DataError, match="does not have the expected MD5 0{32}; it was deleted"):
         ensure_dataset(wrong, dest)
-    assert list(dest.iterdir()) == []  # the .part file is gone, nothing was extracted
+    assert not dest.exists()  # the .part file is gone, nothing was extracted, and the folder made for it
 
     mirror = dataclasses.replace(CIFAR100, url=archive.as_uri(), md5=hashlib.md5(archive.read_bytes()).hexdigest())
     ensure_dataset(mirror, dest)
@@ -147,7 +147,6 @@ def test_data_dir_that_is_a_file(tmp_path):
     assert target.read_text() == "keep me"
 
 
-
 def test_a_data_dir_that_cannot_be_made_is_named_not_a_traceback(tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     with pytest.raises(DataError, match=r"a_file/data cannot be made to download it into \(Not a directory\)"):
@@ -167,6 +166,11 @@ def test_a_data_dir_that_is_the_data_itself_is_refused_not_downloaded_into(tmp_p
         ensure_dataset(offline, tmp_path / "photos" / "train")
     assert not (batches / "cifar-10-batches-py").exists()
     assert not (tmp_path / "photos" / "train" / "cifar-10-batches-py").exists()
+    write_image_split(tmp_path / "data" / "flowers" / "train", per_class=1)  # another dataset beside CIFAR's folder
+    shutil.rmtree(batches)
+    with pytest.raises(DataError, match="downloading it from"):  # still CIFAR-10 to download, not class folders
+        ensure_dataset(offline, tmp_path / "data")
+
 
 def make_tar(path, members):
     with tarfile.open(path, "w:gz") as tar:
@@ -276,7 +280,6 @@ def test_image_folder_loads_skipping_a_broken_file(tmp_path, capsys):
     assert torch.allclose(torch.tensor(data.std, dtype=torch.float64), expected_std)
 
 
-
 def test_decoding_turns_phone_photos_upright_scales_16_bit_grey_and_refuses_float_pixels(tmp_path, monkeypatch):
     sideways = np.zeros((32, 64, 3), np.uint8)
     sideways[:, :32] = (255, 0, 0)  # stored: red left half, blue right half
@@ -315,6 +318,7 @@ def test_a_file_name_that_is_not_utf8_loads_and_a_class_name_is_refused(tmp_path
     os.rename(cat, cat[:-3] + b"c\xe0t")  # a class folder's name: it goes into the report and plots
     with pytest.raises(DataError, match=r"class folders whose names are not UTF-8 text: c\\xe0t. Rename them"):
         load(tmp_path)
+
 
 def test_decoding_over_a_process_pool_gives_the_same_data(tmp_path, monkeypatch, capsys):
     write_image_split(tmp_path / "train", per_class=34)

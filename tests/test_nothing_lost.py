@@ -267,7 +267,6 @@ def test_sigterm_during_the_final_evaluation_stops_at_once_with_143(tmp_path):
     assert_all_finite(tmp_path / "run" / "best_model.pth")
 
 
-
 def test_sigterm_before_training_stops_with_143_and_leaves_no_folder(tiny_data, tmp_path):
     """While a --budget run probes (or the data loads), before any handler of the training loop is installed."""
     process = start_trainer("--budget", "10m", "--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY, *QUICK)
@@ -301,6 +300,7 @@ def test_printed_resume_commands_can_be_pasted_into_a_shell():
     assert train.resume_command(train.Dist(), Path("runs/my run")) == "python train.py --resume 'runs/my run/last.pth'"
     assert train.resume_command(train.Dist(), Path("cv 1"), cross_validation=True) == \
         "python train.py --resume --out-dir 'cv 1'"
+
 
 def test_omp_num_threads_is_respected_and_named_in_the_plan(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

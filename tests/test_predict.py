@@ -1,5 +1,6 @@
 """predict.py as a user runs it: real image files of many shapes, the trainer's own predictions, bad model files
 and flags, --benchmark and Ctrl-C."""
+import os
 import re
 import signal
 import subprocess
@@ -123,7 +124,6 @@ def test_bad_model_file_is_refused_in_one_paragraph(kind, model_path, finished_r
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-
 def test_a_run_that_saved_no_model_yet_or_a_run_folder_is_answered_with_what_to_do(finished_run, tmp_path, capsys):
     (tmp_path / "stopped").mkdir()
     (tmp_path / "stopped" / "last.pth").write_bytes((finished_run / "last.pth").read_bytes())
@@ -131,6 +131,8 @@ def test_a_run_that_saved_no_model_yet_or_a_run_folder_is_answered_with_what_to_
     assert "holds a run's last.pth only: it stopped before saving a model" in capsys.readouterr().err
     assert predict.main([str(finished_run), "image.png"]) == 2
     assert f"(a folder). Give the model in that folder: {finished_run / 'best_model.pth'}." in capsys.readouterr().err
+    assert predict.main([str(finished_run / "best_modle.pth"), "image.png"]) == 2  # a typo beside the model
+    assert f"Did you mean {finished_run / 'best_model.pth'}?" in capsys.readouterr().err
 
 
 def test_a_reader_that_stops_early_is_not_an_unreadable_image(model_path, tmp_path):
@@ -143,6 +145,16 @@ def test_a_reader_that_stops_early_is_not_an_unreadable_image(model_path, tmp_pa
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == predict.EXIT_BROKEN_PIPE == 141
     assert "Traceback" not in stderr and "gave no prediction" not in stderr
+
+
+def test_a_file_name_in_another_encoding_is_printed_as_its_own_bytes(model_path, tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    os.rename(tmp_path / "x.png", bytes(tmp_path) + b"/caf\xe9.png")  # a latin-1 name
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), str(model_path), str(tmp_path)],
+                            capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(bytes(tmp_path) + b"/caf\xe9.png: ")
+
 
 @pytest.mark.parametrize("flag", [["--top-k", "0"], ["--batch-size", "0"]])
 def test_bad_flag_is_refused(flag, model_path, capsys):

@@ -1,5 +1,6 @@
 """Issue 15: the saved model is never chosen on the test set; validation split, early stopping, the report."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -128,8 +129,12 @@ def test_evaluate_remakes_the_report_of_a_saved_model(finished_run, tiny_data, t
 
 def test_evaluate_refuses_what_it_cannot_honour_and_leaves_no_folder(finished_run, tmp_path):
     model = finished_run / "best_model.pth"
-    result = run_cli("--evaluate", model, "--image-size", 40, "--epochs", 3)
-    assert result.returncode == 2 and "--epochs, --image-size would change nothing" in result.stderr
+    result = run_cli("--evaluate", model, "--image-size", 40, "--epochs", 3, "--seed", 0, "--num-workers", 2)
+    assert result.returncode == 2 and "--epochs, --seed, --image-size would change nothing" in result.stderr
+    assert "Only --data-dir, --out-dir, --tta, --device apply" in result.stderr
+    shutil.copytree(finished_run, tmp_path / "another")
+    result = run_cli("--evaluate", model, "--out-dir", tmp_path / "another")
+    assert result.returncode == 2 and "holds another run" in result.stderr
     (tmp_path / "a_file").write_text("keep me")
     result = run_cli("--evaluate", model, "--out-dir", tmp_path / "a_file")
     assert result.returncode == 2 and "a_file is a file, not a folder" in result.stderr
