@@ -20,6 +20,7 @@ from pathlib import Path
 
 ACCURACY_TABLE = Path(__file__).resolve().parent / "bench" / "accuracy_table.json"
 TABLE_DATASET = "cifar10"  # the table's accuracies are CIFAR-10's; other data gets epochs chosen by time alone
+TABLE_TTA = 2  # the test-time augmentation level of the table's accuracy (train.py --tta)
 MARGIN = 0.04  # of the budget, kept free: the forecast's error and the pace control's room to react
 EPOCH_RESOLUTION = 10  # epochs are chosen in tenths: a run may end part-way through its last epoch
 MAX_EPOCHS_BY_TIME = 50  # without measured accuracy, at most this many epochs (airbench96, the longest recipe, ~46)

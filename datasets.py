@@ -142,6 +142,11 @@ def ensure_dataset(dataset, data_dir):
 def refuse_data_dir_inside_data(dataset, data_dir):
     """A --data-dir that is the data itself (CIFAR's extracted folder, or class folders without train/) would
     otherwise count as missing data: a download into it, or a model trained on data the user did not mean."""
+    train = DATASETS["folder"].train_files[0]  # what makes a folder an image folder (has_dataset)
+    if (data_dir / train).is_dir():
+        raise DataError(f"--data-dir {data_dir} is an image folder (it holds {train}/), not {dataset.title}. "
+                        f"To train on its images, leave out --dataset or give --dataset folder; for {dataset.title}, "
+                        f"point --data-dir at the folder that holds {dataset.folder}/.")
     for other in DATASETS.values():
         if other.meta_file and all((data_dir / name).is_file() for name in (*other.train_files, other.meta_file)):
             raise DataError(f"--data-dir {data_dir} is {other.title}'s own folder ({other.folder}/); point --data-dir "
@@ -149,7 +154,7 @@ def refuse_data_dir_inside_data(dataset, data_dir):
                             f"{'' if other is dataset else f', with --dataset {other.key}'}.")
     # Class folders hold images at once or one folder down; a folder with a train/ of its own is another dataset.
     with_images = [name for name in (sub_folders(data_dir) if data_dir.is_dir() else [])
-                   if not (data_dir / name / "train").is_dir() and holds_images_near_the_top(data_dir / name)]
+                   if not (data_dir / name / train).is_dir() and holds_images_near_the_top(data_dir / name)]
     if with_images:
         raise DataError(f"--data-dir {data_dir} holds folders of images ({', '.join(with_images)}) but no train/ "
                         f"folder, so it was taken for {dataset.title}, which is not there. An image folder holds "

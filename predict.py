@@ -16,7 +16,6 @@ SIGPIPE) when stdout's reader stopped reading (| head), which is nothing wrong w
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from datasets import IMAGE_EXTENSIONS, decode_images, image_files
 from models import count_parameters
 
 EXIT_SOME_FAILED = 1
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process whose reader stopped early
 BENCHMARK_BATCH_SIZES = (1, 256)
 BENCHMARK_SECONDS = 2.0  # per batch size: a fixed time, so that a slow CPU is measured as quickly as a GPU
 
@@ -172,7 +170,7 @@ def cli():
         code = train.EXIT_SIGINT
     except BrokenPipeError:  # stdout's reader stopped early (e.g. | head): Python's docs' way to exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = EXIT_BROKEN_PIPE
+        code = train.EXIT_BROKEN_PIPE
     sys.exit(code)
 
 

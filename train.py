@@ -126,6 +126,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # as a shell reports a process whose output's reader stopped early (| head)
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # PyTorch's RuntimeError (not an OutOfMemoryError)
 
 
@@ -603,7 +604,7 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
             f"{budget.duration_text(quickest.seconds)} on this machine (start-up, data and probe included). Give "
             f"--budget {math.ceil(outcome.smallest_budget / 60)}m or more. Nothing was trained or written.")
     chosen = budget_plan(plan, outcome, records, workload, args.tta, by_time)
-    print_budget_choice(outcome, budget_seconds)
+    print_budget_choice(outcome, budget_seconds, args.tta)
     return chosen
 
 
@@ -945,13 +946,16 @@ def budget_plan(plan, choice, probes, workload, tta, by_time):
         "final_seconds": round(budget.final_seconds(best.probe, workload, tta), 2), "tta": tta})
 
 
-def print_budget_choice(choice, budget_seconds):
+def print_budget_choice(choice, budget_seconds, tta):
     best, runner_up = choice.best, choice.runner_up
     accuracy = f"forecast {best.accuracy:.2f}% with TTA" if best.accuracy is not None else "accuracy not forecast"
     print(f"[budget] choice: {best.candidate.label} for {best.epochs:g} epochs: {accuracy}, finishing in "
           f"{budget.duration_text(best.seconds)} of the {budget.duration_text(budget_seconds)} budget")
     if best.candidate.source:
         print(f"[budget] accuracy from: {best.candidate.source}")
+    if best.accuracy is not None and tta != budget.TABLE_TTA:
+        print(f"[budget] the table's accuracy is with test-time augmentation level {budget.TABLE_TTA}: at --tta "
+              f"{tta} expect less")
     if runner_up:
         print(f"[budget] runner-up: {runner_up.candidate.label} for {runner_up.epochs:g} epochs: forecast "
               f"{runner_up.accuracy:.2f}% in {budget.duration_text(runner_up.seconds)}")
@@ -1345,13 +1349,14 @@ class Run:
     best_state: dict | None = None
     seconds_before: float = 0.0  # wall time this run spent in earlier processes (before a resume), for --budget
     epoch_overhead_seconds: float | None = None  # mean evaluation and saving after an epoch, since this process started
-    # or last retried an epoch (--budget)
+    # or last retried an epoch, less any drawing of the curves (--budget)
     epoch_first_step_seconds: float = 0.0  # the first step of the epoch's part trained in this process (--budget's
     # pace leaves it out)
     began_mid_epoch: bool = False  # this process resumed part-way through an epoch, whose row then holds an earlier
     # process's seconds too (--budget's pace leaves that row out)
     curves_drawn_at: float = 0.0  # when training_curves.png was last drawn (time.time()); 0: never, so epoch 1 draws
     curves_epochs: int = 0  # the epochs it showed then
+    curves_seconds: float = 0.0  # how long that drawing took
 
     @property
     def memory_label(self):
@@ -1498,10 +1503,13 @@ def train_loop(run, data):
             best = best_model_payload(run, epoch, row)
             run.best_state = best["state_dict"]
         # The curves of the last epoch are drawn by finish_run, after the final evaluation, or at a stop.
+        drawn_at = run.curves_drawn_at
         save_outputs(run, best=best, state=training_state(run, epoch),
                      curves=time.time() - run.curves_drawn_at >= CURVES_EVERY_SECONDS)
-        # A mean: the epochs that redraw the curves take longer than the others.
-        overhead, epochs_here = time.time() - steps_end, epoch - run.start_epoch
+        # A mean, less the drawing (once in CURVES_EVERY_SECONDS: keep_pace counts its share), which epoch 1 always
+        # does: with short epochs its mean alone, charged to every epoch left, read a run behind its forecast.
+        drawing = run.curves_seconds if run.curves_drawn_at != drawn_at else 0.0
+        overhead, epochs_here = time.time() - steps_end - drawing, epoch - run.start_epoch
         run.epoch_overhead_seconds = overhead if epochs_here == 1 else \
             run.epoch_overhead_seconds + (overhead - run.epoch_overhead_seconds) / epochs_here
         if run.dist.any(run.stop.signal is not None, run.device):  # after the last epoch too: its final
@@ -1632,12 +1640,15 @@ def keep_pace(run, seconds_per_step):
     forecast = run.plan["budget"]
     budget_seconds = forecast["seconds"]
     steps_per_epoch = len(run.train_batches)
+    # After each epoch: evaluation and saving as measured, and the curves' drawing at its share of the epochs.
+    drawings_an_epoch = min(1.0, seconds_per_step * steps_per_epoch / CURVES_EVERY_SECONDS)
+    epoch_overhead = forecast["epoch_overhead_seconds"] if run.epoch_overhead_seconds is None else \
+        run.epoch_overhead_seconds + drawings_an_epoch * run.curves_seconds
     final_step = budget.paced_final_step(
         run.step, run.final_step, round(forecast["max_epochs"] * steps_per_epoch), steps_per_epoch,
         seconds_left=budget_seconds - run.seconds_spent, budget_seconds=budget_seconds,
         step_paces=step_paces(run.plan, run.step, steps_per_epoch, seconds_per_step),
-        epoch_overhead_seconds=run.epoch_overhead_seconds or forecast["epoch_overhead_seconds"],
-        final_seconds=forecast["final_seconds"])
+        epoch_overhead_seconds=epoch_overhead, final_seconds=forecast["final_seconds"])
     end_epoch = run.dist.broadcast_object(None if final_step is None else final_step / steps_per_epoch)
     if end_epoch is None:
         return
@@ -1972,8 +1983,9 @@ def finish_run(run, data, tta):
     if best_row["test_acc"] is None:  # a budgeted run leaves the test set to the end (train_loop)
         best_row["test_loss"], best_row["test_acc"], best_row["test_top5"] = test_plain
     test = reports["test"]
-    print(f"[eval] test accuracy {best_row['test_acc']:.2f}% plain, {test['accuracy']:.2f}% with TTA"
-          f"{top5_text(test['top5'])} ({time.time() - t0:.1f}s)")
+    augmented = f", {test['accuracy']:.2f}% with TTA" if tta else " (--tta 0: no test-time augmentation)"
+    print(f"[eval] test accuracy {best_row['test_acc']:.2f}% plain{augmented}{top5_text(test['top5'])} "
+          f"({time.time() - t0:.1f}s)")
     print_reports(reports)
     stage(8, "Saving")
     run.history["final"] = {"best_epoch": run.best_epoch, "selection": run.plan["reasons"]["selection"],
@@ -2212,8 +2224,10 @@ def save_outputs(run, best=None, state=None, curves=True):
 
 def draw_curves(run):
     """Rank 0: training_curves.png of every epoch so far."""
+    started = time.time()
     plot_curves(run.history, run.out_dir / "training_curves.png")
     run.curves_drawn_at, run.curves_epochs = time.time(), len(run.history["epochs"])
+    run.curves_seconds = run.curves_drawn_at - started
 
 
 def draw_stale_curves(run):
@@ -3116,6 +3130,10 @@ def cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
     if folds > len(data.train_labels):
         raise UserError(f"--folds {folds}: {len(data.train_labels):,} training images cannot make {folds} folds of at "
                         f"least one image each. Use fewer folds.")
+    count = len(data.train_labels)  # fold k holds out images (k-1)*count//folds to k*count//folds (hold_out_validation)
+    fewest = count - max(k * count // folds - (k - 1) * count // folds for k in range(1, folds + 1))
+    if plan["batch_size"] > fewest:  # refused before cross_validation.json is written, not in fold 1
+        raise UserError(batch_too_large(plan["batch_size"], fewest) + " (A fold trains on the other folds' images.)")
     # One stop request for every fold: between folds (and before the first) a stop is noted and seen by every rank at
     # the next fold's start; one noted while a fold is prepared stops it after its first step, saved.
     stop = StopRequest()
@@ -3209,10 +3227,13 @@ def cli():
     # run a handler until torchrun's SIGKILL, 30 s later.
     if Dist.from_environment().world_size == 1:
         signal.signal(signal.SIGTERM, raise_interrupted)
+        # Ctrl-C too, even where it was inherited ignored (a script's `python train.py &`), as training does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with contextlib.suppress(AttributeError):  # a file name in another encoding prints as its own bytes, as ls does
         sys.stdout.reconfigure(errors="surrogateescape")
     try:
         code = main()
+        sys.stdout.flush()  # the last buffered lines: a reader gone by now raises here, not at exit
     except (UserError, DataError) as e:
         code = report_failure(e, EXIT_BAD_INPUT)
     except TrainingFailed as e:
@@ -3225,6 +3246,11 @@ def cli():
         if isinstance(e, RuntimeError) and CPU_OUT_OF_MEMORY not in str(e):
             raise
         code = report_failure(cpu_out_of_memory_message(e), EXIT_TRAINING_FAILED)
+    except BrokenPipeError:  # Python's documented way to leave quietly when stdout's reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("[stop] the output's reader stopped reading (| head?); a run's last.pth holds its last completed "
+              "epoch", file=sys.stderr)
+        code = EXIT_BROKEN_PIPE
     if Dist.from_environment().world_size > 1:
         # A torchrun rank leaves without the interpreter's teardown, in which gloo's worker threads can abort it
         # after a complete run (Dist.close says how) and torchrun then reports the run failed; a failed rank never

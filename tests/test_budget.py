@@ -13,7 +13,7 @@ import torch
 import budget
 import train
 from budget import Candidate, Probe, Workload
-from conftest import ROOT, history_of, load_test_split, run_cli, run_trainer, start_trainer, wait_for_line
+from conftest import ROOT, build_tiny_run, history_of, load_test_split, run_cli, run_trainer, start_trainer, wait_for_line
 from tiny_cifar import write_tiny_cifar100
 
 CIFAR10 = Workload(train_images=50_000, eval_images=0, final_eval_images=10_000,
@@ -127,6 +127,17 @@ def test_a_2_core_cpu_gets_the_light_network_for_as_many_epochs_as_fit():
     choice = budget.choose([SMALL, POWER], probes, CIFAR10, 3600, tta=2)
     assert choice.best.candidate is POWER and choice.best.epochs == 8 and choice.beyond_table
     assert choice.runner_up.candidate is SMALL and choice.runner_up.epochs == 10
+
+
+def test_the_printed_choice_says_the_tables_accuracy_is_at_tta_2(capsys):
+    probes = [Probe(530, 1500, SAVE, 530), Probe(160, 450, SAVE, 160)]
+    choice = budget.choose([SMALL, POWER], probes, CIFAR10, 3600, tta=0)
+    train.print_budget_choice(choice, 3600, tta=0)
+    out = capsys.readouterr().out
+    assert f"forecast {choice.best.accuracy:.2f}% with TTA" in out and "runner-up: SmallCifarNet" in out
+    assert "the table's accuracy is with test-time augmentation level 2: at --tta 0 expect less" in out
+    train.print_budget_choice(choice, 3600, tta=2)
+    assert "expect less" not in capsys.readouterr().out
 
 
 def test_the_epochs_after_the_stem_bias_freezes_are_forecast_at_their_own_speed():
@@ -545,6 +556,20 @@ def test_a_run_that_falls_behind_ends_sooner_and_its_rates_still_reach_zero(tiny
     assert rates == sorted(rates, reverse=True)  # bent, never raised
     assert rates[-1] <= train.MUON_LR * 0.1 / (schedule["end_epoch"] - schedule["bend_epoch"])  # one step from 0
 
+
+def test_the_first_epochs_drawing_of_the_curves_is_not_charged_to_every_epoch(tiny_data, tmp_path, monkeypatch):
+    """Epoch 1 always draws training_curves.png, later epochs once in CURVES_EVERY_SECONDS: the pace counts the
+    drawing at that share, not as part of each epoch's evaluation and saving (which read short runs behind)."""
+    plot_curves = train.plot_curves
+
+    def slow_drawing(*args):
+        time.sleep(1.0)
+        plot_curves(*args)
+
+    monkeypatch.setattr(train, "plot_curves", slow_drawing)
+    run, data = build_tiny_run(tiny_data, tmp_path, 100)
+    assert train.train_loop(run, data)
+    assert run.curves_seconds >= 1.0 and run.epoch_overhead_seconds < 0.5  # epoch 2 did not draw: the mean of 2
 
 def test_the_pace_control_moves_the_end_only_outside_its_band_and_never_past_the_table():
     """100 s budget, 10 steps an epoch of 1 s each, 2 s after each epoch, 5 s at the end; at step 15 of a run

@@ -47,10 +47,14 @@ def test_bad_folds_flags(args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_more_folds_than_images_is_refused_before_anything_is_written(tiny_data, tmp_path):
+def test_too_many_folds_or_a_batch_beyond_a_folds_images_is_refused_before_anything_is_written(tiny_data, tmp_path):
     result = run_cli("--folds", 1001, "--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path / "cv", *TINY)
     assert result.returncode == 2 and "1,000 training images cannot make 1001 folds" in result.stderr, result.stderr
     assert not (tmp_path / "cv").exists()
+    result = run_cli("--folds", 2, "--epochs", 1, "--data-dir", tiny_data, "--out-dir", tmp_path / "cv",
+                     "--model", "SmallCifarNet", "--batch-size", 600)  # a fold trains on 500 images
+    assert result.returncode == 2 and "The batch size, 600, is larger than the 500 training images" in result.stderr
+    assert not (tmp_path / "cv").exists()  # no cross_validation.json that --resume could only fail on
 
 
 def test_a_cross_validation_interrupted_in_a_fold_resumes_there_and_writes_its_table(tiny_data, tmp_path):

@@ -170,6 +170,8 @@ def test_a_data_dir_that_is_the_data_itself_is_refused_not_downloaded_into(tmp_p
     shutil.rmtree(batches)
     with pytest.raises(DataError, match="downloading it from"):  # still CIFAR-10 to download, not class folders
         ensure_dataset(offline, tmp_path / "data")
+    with pytest.raises(DataError, match="is an image folder \\(it holds train/\\), not CIFAR-10. To train on its"):
+        ensure_dataset(offline, tmp_path / "photos")  # --dataset cifar10 given for an image folder
 
 
 def make_tar(path, members):

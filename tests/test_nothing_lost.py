@@ -274,7 +274,7 @@ def test_sigterm_before_training_stops_with_143_and_leaves_no_folder(tiny_data, 
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 143, stderr
-    assert "[stop] SIGTERM before training started; nothing was written" in stderr and "Traceback" not in stderr
+    assert "[stop] SIGTERM before any training; nothing was written" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "run").exists()  # the folder it made is gone, its lock with it
 
 
@@ -295,6 +295,14 @@ def test_a_stop_while_the_last_epoch_saves_leaves_the_final_evaluation_to_resume
     assert resumed.returncode == 0, resumed.stderr
     assert "--- [10/10] Done" in resumed.stdout and "Epoch [" not in resumed.stdout  # only the final evaluation
 
+
+def test_a_reader_that_stops_early_ends_the_trainer_with_141_not_a_traceback():
+    process = start_trainer("--dry-run", "--simulate-gpus", "NVIDIA H100:80,NVIDIA H100:80")
+    process.stdout.readline()  # `| head -1`
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == train.EXIT_BROKEN_PIPE == 141
+    assert "Traceback" not in stderr and "the output's reader stopped reading" in stderr
 
 def test_printed_resume_commands_can_be_pasted_into_a_shell():
     assert train.resume_command(train.Dist(), Path("runs/my run")) == "python train.py --resume 'runs/my run/last.pth'"

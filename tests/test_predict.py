@@ -143,7 +143,7 @@ def test_a_reader_that_stops_early_is_not_an_unreadable_image(model_path, tmp_pa
     assert process.stdout.readline().startswith(str(tmp_path))  # `| head -1`
     process.stdout.close()
     stderr = process.stderr.read()
-    assert process.wait(timeout=60) == predict.EXIT_BROKEN_PIPE == 141
+    assert process.wait(timeout=60) == train.EXIT_BROKEN_PIPE == 141
     assert "Traceback" not in stderr and "gave no prediction" not in stderr
 
 
