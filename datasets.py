@@ -164,6 +164,7 @@ def refuse_data_dir_inside_data(dataset, data_dir):
 
 
 def holds_images_near_the_top(folder):
+    """Whether folder, or a folder in it, holds an image file: a class folder does. Deeper trees are not walked."""
     for root, dirs, file_names in os.walk(folder):
         if any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in file_names):
             return True

@@ -13,7 +13,8 @@ import torch
 import budget
 import train
 from budget import Candidate, Probe, Workload
-from conftest import ROOT, build_tiny_run, history_of, load_test_split, run_cli, run_trainer, start_trainer, wait_for_line
+from conftest import (ROOT, build_tiny_run, history_of, load_test_split, run_cli, run_trainer, start_trainer,
+                      wait_for_line)
 from tiny_cifar import write_tiny_cifar100
 
 CIFAR10 = Workload(train_images=50_000, eval_images=0, final_eval_images=10_000,
