@@ -2521,6 +2521,16 @@ def load_resume(args, hw, dist, threads, path=None):
     return Resume(path, state, plan, changes)
 
 
+def finished(resume):
+    """Whether the run resumed ended: its history beside last.pth has final results for the epochs last.pth holds
+    (last.pth is not rewritten at the end; resuming would evaluate and save again, and count the time twice)."""
+    try:
+        history = json.loads((resume.path.parent / "training_history.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "final" in history and len(history.get("epochs", ())) == resume.state.get("epoch")
+
+
 def resume_path(args):
     """What --resume continues: PATH or OUT_DIR/last.pth; for a cross-validation's folder or one of its folds'
     last.pth, the cross-validation's state (it knows which fold to continue)."""
@@ -2945,6 +2955,11 @@ def main(argv=None):
     stage(2, "Planning")
     threads = threads_from_environment()
     resume = load_resume(args, hw, dist, threads) if args.resume is not None else None
+    if resume and finished(resume):
+        print(f"[resume] {resume.path.parent} holds a finished run (its training_history.json has the final "
+              f"results): nothing to continue. To evaluate it again: python train.py --evaluate "
+              f"{shlex.quote(str(resume.path.parent / 'best_model.pth'))}")
+        return 0
     plan = resume.plan if resume else plan_for_flags(args, hw, dist, threads)
     print_plan(plan)
     # The data: as the flags say, or as the resumed run had it.
