@@ -3097,6 +3097,10 @@ def train_and_save(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
         run.history["events"].append({"resumed": str(resume.path), "at_epoch": run.start_epoch,
                                       "at_batch": run.batch_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                       "changes": resume.changes})
+        if plan["budget"] and dist.is_main:  # the plan's epochs are the forecast's; the pace may have moved the end
+            print(f"[resume] --budget {budget.duration_text(plan['budget']['seconds'])}: "
+                  f"{budget.duration_text(run.seconds_before)} spent before; training ends at epoch "
+                  f"{run.schedule.end_epoch:.2f}")
     elif (args.overwrite or folds_of(plan)) and dist.is_main:  # a fold's folder is its cross-validation's own
         remove_previous_run(out_dir)
     run.stop.install()

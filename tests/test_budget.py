@@ -746,6 +746,8 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     result = run_trainer("--resume", "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
+    assert f"[resume] --budget 18 s: {budget.duration_text(state['seconds_spent'])} spent before; training ends at " \
+           f"epoch {state['schedule']['end_epoch']:.2f}" in result.stdout
     # The final evaluation's time is the forecast's, so is its test-time augmentation, not --tta's default (2).
     assert "uses test-time augmentation level 1, which the budget's forecast counted" in result.stdout
     history = history_of(tmp_path)
