@@ -63,6 +63,7 @@ except ImportError:
 # Everything about each dataset (where it comes from, its files, labels, classes, normalisation) is one entry
 # of datasets.DATASETS.
 TOP5_MIN_CLASSES = 20  # top-5 accuracy is reported for datasets with this many classes or more
+DEFAULT_TTA = 2  # the final evaluation's test-time augmentation: mirror + 1-pixel shifts (--tta)
 # What --image-size accepts: CifarNet's three poolings need 16; memory grows with the square of the side
 # (the whitening statistics of 128-pixel images alone take 8 GB), so 64 at most until the plan scales the batch.
 IMAGE_SIZES = (16, 64)
@@ -588,11 +589,12 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
     if not fitting:
         raise UserError(batch_too_large(min(c.batch_size for c in candidates), len(data.train_images)))
     candidates = fitting
+    tta = requested_tta(args)
     probes, records = probe_candidates(plan, candidates, data, dist, budget_seconds, budget_workload(data, dist),
-                                       args.tta, out_dir)
+                                       tta, out_dir)
     workload = budget_workload(data, dist)
     try:
-        outcome = budget.choose(candidates, probes, workload, budget_seconds, args.tta, by_time)
+        outcome = budget.choose(candidates, probes, workload, budget_seconds, tta, by_time)
     except budget.NoFit as no_fit:
         outcome = no_fit
     outcome = dist.broadcast_object(outcome)  # rank 0's timings decide for every rank
@@ -603,8 +605,8 @@ def plan_for_budget(args, hw, plan, dataset, data, dist, out_dir):
             f"quickest, {quickest.candidate.label} for {quickest.epochs:g} epochs, would take "
             f"{budget.duration_text(quickest.seconds)} on this machine (start-up, data and probe included). Give "
             f"--budget {math.ceil(outcome.smallest_budget / 60)}m or more. Nothing was trained or written.")
-    chosen = budget_plan(plan, outcome, records, workload, args.tta, by_time)
-    print_budget_choice(outcome, budget_seconds, args.tta)
+    chosen = budget_plan(plan, outcome, records, workload, tta, by_time)
+    print_budget_choice(outcome, budget_seconds, tta)
     return chosen
 
 
@@ -2776,9 +2778,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="arithmetic of the forward and backward pass (default: the plan's: bf16 on GPUs and CPUs "
                         "with bf16 units, fp16 with a gradient scaler on older GPUs, otherwise fp32)")
-    p.add_argument("--tta", type=int, choices=[0, 1, 2], default=2,
-                   help="test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
-                        "(default: 2)")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2], default=None,
+                   help=f"test-time augmentation for the final evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts "
+                        f"(default: {DEFAULT_TTA}; a resumed --budget run or cross-validation keeps its own; "
+                        f"--evaluate: the saved model's)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed; fixes a CPU run exactly, and which images --val-split or --folds hold out "
                         "(default: random)")
@@ -3014,11 +3017,17 @@ def choose_seed(args, resume):
     return args.seed if args.seed is not None else random.randrange(2**31)
 
 
+def requested_tta(args):
+    return DEFAULT_TTA if args.tta is None else args.tta
+
+
 def final_tta(args, plan, resume):
     """The final evaluation's test-time augmentation level: --tta's, except that a resumed --budget run keeps the
     level its forecast counted (its pace control leaves time for that evaluation, not another's)."""
-    planned = plan["budget"].get("tta", args.tta) if resume and plan["budget"] else args.tta  # older runs: no "tta"
-    if planned != args.tta:
+    planned = requested_tta(args)
+    if resume and plan["budget"]:
+        planned = plan["budget"].get("tta", planned)  # older runs kept no "tta"
+    if args.tta is not None and planned != args.tta:
         print(f"[resume] the final evaluation uses test-time augmentation level {planned}, which the budget's "
               f"forecast counted, not --tta {args.tta}")
     return planned
@@ -3053,11 +3062,13 @@ def evaluate_saved_model(args, hw):
             raise UserError(f"--evaluate: {path} was trained on the classes {', '.join(saved['class_names'][:5])}..., "
                             f"but {data_dir} holds {', '.join(data.class_names[:5])}...; point --data-dir at the "
                             f"data it was trained on.")
-        stage(7, f"Evaluating {path} (epoch {saved['epoch']}) with test-time augmentation level {args.tta}")
+        # The model's own level unless --tta says otherwise: its report then compares with the run's.
+        tta = next(level for level in (args.tta, saved.get("tta_level"), DEFAULT_TTA) if level is not None)
+        stage(7, f"Evaluating {path} (epoch {saved['epoch']}) with test-time augmentation level {tta}")
         model = model.to(device, memory_format=torch.channels_last)
-        reports, test_probabilities, _ = evaluation_reports(model, data, normalization_of(saved), args.tta, None)
+        reports, test_probabilities, _ = evaluation_reports(model, data, normalization_of(saved), tta, None)
         print_reports(reports)
-        save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=args.tta))
+        save_report(out_dir, reports, test_probabilities, data, dict(saved, tta_level=tta))
     finally:
         release_out_dir(out_dir, lock, created)
     stage(9, f"Wrote {', '.join(REPORT_FILES)} to {out_dir}")
@@ -3160,12 +3171,12 @@ def cross_validate(args, hw, plan, resume, dist, out_dir, dataset, data_dir, dat
     if resume:
         check_resume_data(resume.path, resume.state, fingerprint, data_dir)
         state = resume.state
-        if args.tta != state["tta"]:
+        if args.tta is not None and args.tta != state["tta"]:
             print(f"[resume] the folds are evaluated with test-time augmentation level {state['tta']}, as the first "
                   f"ones were, not --tta {args.tta}: their scores are averaged together")
     else:
         state = {"kind": CROSS_VALIDATION_KIND, "format": CROSS_VALIDATION_FORMAT, "folds": folds, "seed": seed,
-                 "tta": args.tta, "plan": plan, "dataset": dataset.key, "data_dir": str(data_dir.resolve()),
+                 "tta": requested_tta(args), "plan": plan, "dataset": dataset.key, "data_dir": str(data_dir.resolve()),
                  "image_size": data.train_images.shape[-1], "data_fingerprint": fingerprint,
                  "results": [None] * folds, "summary": None}
         if dist.is_main:

@@ -725,6 +725,14 @@ def test_a_run_ahead_of_its_forecast_is_lengthened(tiny_data, tmp_path, monkeypa
     assert rates == sorted(rates, reverse=True)  # stretched, never raised
 
 
+def test_a_resumed_budget_keeps_its_tta_level_and_answers_only_a_tta_given_against_it(capsys):
+    plan = {"budget": {"tta": 1}}
+    assert train.final_tta(SimpleNamespace(tta=None), plan, resume=True) == 1 and capsys.readouterr().out == ""
+    assert train.final_tta(SimpleNamespace(tta=2), plan, resume=True) == 1
+    assert "uses test-time augmentation level 1, which the budget's forecast counted, not --tta 2" \
+        in capsys.readouterr().out
+    assert train.final_tta(SimpleNamespace(tta=None), {"budget": None}, resume=False) == train.DEFAULT_TTA
+
 def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny_data, tmp_path):
     flags = ["--model", "SmallCifarNet", "--batch-size", "100", "--tta", "1", "--seed", "0", "--data-dir", tiny_data,
              "--small-crop-epochs", "1"]
@@ -748,8 +756,9 @@ def test_a_budgeted_run_resumes_on_its_own_plan_and_counts_its_earlier_time(tiny
     assert "[budget] probe" not in result.stdout  # the plan is the one chosen at the start
     assert f"[resume] --budget 18 s: {budget.duration_text(state['seconds_spent'])} spent before; training ends at " \
            f"epoch {state['schedule']['end_epoch']:.2f}" in result.stdout
-    # The final evaluation's time is the forecast's, so is its test-time augmentation, not --tta's default (2).
-    assert "uses test-time augmentation level 1, which the budget's forecast counted" in result.stdout
+    # The final evaluation's time is the forecast's, so is its test-time augmentation, not --tta's default (2); only
+    # a --tta given against it is answered.
+    assert "with test-time augmentation level 1 ---" in result.stdout and "which the budget's" not in result.stdout
     history = history_of(tmp_path)
     assert history["plan"]["epochs"] == planned["epochs"] and history["plan"]["model"] == planned["model"]
     assert any("resumed" in event for event in history["events"])

@@ -115,8 +115,9 @@ def test_every_run_writes_its_report(finished_run):
 
 
 def test_evaluate_remakes_the_report_of_a_saved_model(finished_run, tiny_data, tmp_path):
-    result = run_cli("--evaluate", finished_run / "best_model.pth", "--out-dir", tmp_path, "--tta", 0)
+    result = run_cli("--evaluate", finished_run / "best_model.pth", "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "with test-time augmentation level 0 ---" in result.stdout  # the run's own level (--tta 0), not 2
     assert "[report] test: 200 images" in result.stdout
     remade = json.loads((tmp_path / "report.json").read_text())
     original = json.loads((finished_run / "report.json").read_text())
