@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BAD_FILES_LIMIT = 0.01  # unreadable images a split may have (a share of its files); they are skipped with a warning
 HOLDOUT_FRACTION = 0.1  # of each class of train/, held out for testing when an image folder has no test split
 HOLDOUT_SEED = 0  # fixed, not the run's seed: every run of a folder tests on the same images

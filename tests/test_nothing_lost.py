@@ -1,6 +1,7 @@
 """Nothing lost: runs never overwrite each other, a diverged model is never kept as the best, failed writes
 and damaged, foreign or mismatched checkpoints get one clear paragraph, and the run folder is locked."""
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -214,15 +215,19 @@ def test_a_second_trainer_on_a_busy_folder_stops_naming_the_first(tiny_data, tmp
 # 5. and 6. Resume checks the checkpoint: its data, its integrity, its format.
 
 def test_resume_on_other_data_is_refused(finished_run, tmp_path):
-    before = snapshot(finished_run)
+    run = tmp_path / "run"  # a run stopped in its final evaluation: --resume would finish it
+    shutil.copytree(finished_run, run)
+    history = json.loads((run / "training_history.json").read_text())
+    del history["final"]
+    (run / "training_history.json").write_text(json.dumps(history))
+    before = snapshot(run)
     larger = write_tiny_cifar(tmp_path / "larger", per_batch=400).parent
-    result = run_cli("--resume", "--out-dir", finished_run, "--data-dir", larger)
+    result = run_cli("--resume", "--out-dir", run, "--data-dir", larger)
     assert_refused(result, "was trained on other data (1000 training and 200 test images")
     assert "(2000 and 200" in result.stderr
     same_size = write_tiny_cifar(tmp_path / "same_size", seed=1).parent  # same counts, other pixels
-    assert_refused(run_cli("--resume", "--out-dir", finished_run, "--data-dir", same_size),
-                   "was trained on other data")
-    assert snapshot(finished_run) == before
+    assert_refused(run_cli("--resume", "--out-dir", run, "--data-dir", same_size), "was trained on other data")
+    assert snapshot(run) == before
 
 
 def flip_a_byte_of_the_weights(path):
