@@ -2516,21 +2516,21 @@ def load_resume(args, hw, dist, threads, path=None):
     if cross_validation:
         done = sum(result is not None for result in state["results"])
         print(f"[resume] continuing the cross-validation {path}: {done} of {state['folds']} folds done")
-    else:
+    elif not finished(path, state):  # a finished run has nothing to continue: main says so
         print(f"[resume] continuing {path} from epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}")
     for change in changes:
         print(f"[resume] on this machine: {change}")
     return Resume(path, state, plan, changes)
 
 
-def finished(resume):
-    """Whether the run resumed ended: its history beside last.pth has final results for the epochs last.pth holds
-    (last.pth is not rewritten at the end; resuming would evaluate and save again, and count the time twice)."""
+def finished(path, state):
+    """Whether the run of last.pth `path` ended: its history beside it has final results for the epochs `state`
+    holds (last.pth is not rewritten at the end; resuming would evaluate and save again, and count the time twice)."""
     try:
-        history = json.loads((resume.path.parent / "training_history.json").read_text())
+        history = json.loads((path.parent / "training_history.json").read_text())
     except (OSError, ValueError):
         return False
-    return "final" in history and len(history.get("epochs", ())) == resume.state.get("epoch")
+    return "final" in history and len(history.get("epochs", ())) == state.get("epoch")
 
 
 def resume_path(args):
@@ -2958,7 +2958,7 @@ def main(argv=None):
     stage(2, "Planning")
     threads = threads_from_environment()
     resume = load_resume(args, hw, dist, threads) if args.resume is not None else None
-    if resume and finished(resume):
+    if resume and finished(resume.path, resume.state):
         print(f"[resume] {resume.path.parent} holds a finished run (its training_history.json has the final "
               f"results): nothing to continue. To evaluate it again: python train.py --evaluate "
               f"{shlex.quote(str(resume.path.parent / 'best_model.pth'))}")

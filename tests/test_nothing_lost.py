@@ -247,6 +247,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(finished_run, tmp_p
     assert result.returncode == 0, result.stderr
     assert "holds a finished run (its training_history.json has the final results): nothing to continue" \
         in result.stdout and "Epoch [" not in result.stdout and "--- [7/10]" not in result.stdout
+    assert "[resume] continuing" not in result.stdout
     assert snapshot(tmp_path / "run") == before  # not evaluated, saved or timed again
 
 def test_resume_of_a_damaged_checkpoint_is_refused(finished_run, tmp_path):
