@@ -163,10 +163,14 @@ def refuse_data_dir_inside_data(dataset, data_dir):
                         f"the folder above it.")
 
 
+def is_image_name(file_name):
+    return os.path.splitext(file_name)[1].lower() in IMAGE_EXTENSIONS
+
+
 def holds_images_near_the_top(folder):
     """Whether folder, or a folder in it, holds an image file: a class folder does. Deeper trees are not walked."""
     for root, dirs, file_names in os.walk(folder):
-        if any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in file_names):
+        if any(map(is_image_name, file_names)):
             return True
         if root != str(folder):
             dirs.clear()  # no deeper than one folder down
@@ -226,8 +230,6 @@ def check_image_size(dataset, image_size):
 
 def download(dataset, data_dir):
     """Download the official archive, check its MD5 and extract it safely into data_dir."""
-    from tqdm import tqdm
-
     made = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -238,32 +240,12 @@ def download(dataset, data_dir):
     archive = data_dir / dataset.archive
     partial = archive.with_name(archive.name + ".part")
     folder = data_dir / dataset.folder
-    print(f"[data] downloading {dataset.url}")
     try:
-        with urllib.request.urlopen(dataset.url, timeout=60) as response, open(partial, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
-        partial.unlink(missing_ok=True)
+        fetch_archive(dataset, partial)
+    except DataError:
         if made and not any(data_dir.iterdir()):  # a failed download leaves no empty folder behind
             data_dir.rmdir()
-        files = ", ".join((*dataset.train_files, *dataset.test_files, dataset.meta_file))
-        raise DataError(
-            f"{dataset.title} is not in {folder} and downloading it from {dataset.url} failed ({e}). "
-            f"If this machine is offline, fetch {dataset.archive} elsewhere and extract it so that {folder}/ "
-            f"holds {files}, or point --data-dir at a folder that holds {dataset.folder}/, or set "
-            f"{dataset.key.upper()}_URL to a mirror's address of {dataset.archive}."
-        ) from None
-    if file_md5(partial) != dataset.md5:
-        partial.unlink()
-        if made and not any(data_dir.iterdir()):
-            data_dir.rmdir()
-        raise DataError(f"The {dataset.title} archive downloaded from {dataset.url} does not have the expected MD5 "
-                        f"{dataset.md5}; it was deleted. Try again, or download {dataset.archive} by hand into "
-                        f"{data_dir}.")
+        raise
     os.replace(partial, archive)
     # Extracted beside the target, then renamed into place: a process waiting for the folder (fetch_dataset)
     # sees it whole or not at all.
@@ -276,6 +258,35 @@ def download(dataset, data_dir):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"[data] extracted to {folder}")
+
+
+def fetch_archive(dataset, partial):
+    """Download dataset's archive to `partial` and check its MD5; a failure (a DataError) leaves no partial file."""
+    from tqdm import tqdm
+
+    data_dir, folder = partial.parent, partial.parent / dataset.folder
+    print(f"[data] downloading {dataset.url}")
+    try:
+        with urllib.request.urlopen(dataset.url, timeout=60) as response, open(partial, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, disable=not sys.stderr.isatty()) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        partial.unlink(missing_ok=True)
+        files = ", ".join((*dataset.train_files, *dataset.test_files, dataset.meta_file))
+        raise DataError(
+            f"{dataset.title} is not in {folder} and downloading it from {dataset.url} failed ({e}). "
+            f"If this machine is offline, fetch {dataset.archive} elsewhere and extract it so that {folder}/ "
+            f"holds {files}, or point --data-dir at a folder that holds {dataset.folder}/, or set "
+            f"{dataset.key.upper()}_URL to a mirror's address of {dataset.archive}."
+        ) from None
+    if file_md5(partial) != dataset.md5:
+        partial.unlink()
+        raise DataError(f"The {dataset.title} archive downloaded from {dataset.url} does not have the expected MD5 "
+                        f"{dataset.md5}; it was deleted. Try again, or download {dataset.archive} by hand into "
+                        f"{data_dir}.")
 
 
 def file_md5(path):
@@ -514,7 +525,7 @@ def image_files(folder, relative_to):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         inside = os.path.relpath(root, relative_to)
         found += [os.path.join(inside, f) for f in file_names
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+                  if not f.startswith(".") and is_image_name(f)]
     return sorted(found)
 
 

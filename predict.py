@@ -14,7 +14,6 @@ stderr; the others are still classified); 2 a bad model file or flag; 130 Ctrl-C
 SIGPIPE) when stdout's reader stopped reading (| head), which is nothing wrong with the images.
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -160,16 +159,15 @@ def main(argv=None):
 
 
 def cli():
-    with contextlib.suppress(AttributeError):  # a file name in another encoding prints as its own bytes, as ls does
-        sys.stdout.reconfigure(errors="surrogateescape")
+    train.print_file_names_as_bytes()
     try:
         code = main()
         sys.stdout.flush()  # the last buffered lines: a reader gone by now raises here, not at exit
     except KeyboardInterrupt:
         print("\n[stop] interrupted: the lines printed so far are the images classified", file=sys.stderr)
         code = train.EXIT_SIGINT
-    except BrokenPipeError:  # stdout's reader stopped early (e.g. | head): Python's docs' way to exit quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # stdout's reader stopped early (e.g. | head)
+        train.discard_stdout()
         code = train.EXIT_BROKEN_PIPE
     sys.exit(code)
 

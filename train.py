@@ -2489,6 +2489,7 @@ class Resume:
     state: dict
     plan: dict
     changes: list  # what differs on this machine, said at start and recorded in the history
+    finished: bool = False  # the run ended (finished): nothing to continue
 
 
 def load_resume(args, hw, dist, threads, path=None):
@@ -2513,14 +2514,15 @@ def load_resume(args, hw, dist, threads, path=None):
                         f"{dist.world_size}. Resume it as it was started "
                         f"({'plain python' if saved['world_size'] == 1 else 'torchrun with that many processes'}).")
     plan, changes = place_resumed_plan(saved, hw, dist.world_size, dist.local_rank, dist.local_world_size, threads)
+    done = not cross_validation and finished(path, state)
     if cross_validation:
-        done = sum(result is not None for result in state["results"])
-        print(f"[resume] continuing the cross-validation {path}: {done} of {state['folds']} folds done")
-    elif not finished(path, state):  # a finished run has nothing to continue: main says so
+        folds_done = sum(result is not None for result in state["results"])
+        print(f"[resume] continuing the cross-validation {path}: {folds_done} of {state['folds']} folds done")
+    elif not done:  # a finished run has nothing to continue: main says so
         print(f"[resume] continuing {path} from epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}")
     for change in changes:
         print(f"[resume] on this machine: {change}")
-    return Resume(path, state, plan, changes)
+    return Resume(path, state, plan, changes, done)
 
 
 def finished(path, state):
@@ -2958,7 +2960,7 @@ def main(argv=None):
     stage(2, "Planning")
     threads = threads_from_environment()
     resume = load_resume(args, hw, dist, threads) if args.resume is not None else None
-    if resume and finished(resume.path, resume.state):
+    if resume and resume.finished:
         print(f"[resume] {resume.path.parent} holds a finished run (its training_history.json has the final "
               f"results): nothing to continue. To evaluate it again: python train.py --evaluate "
               f"{shlex.quote(str(resume.path.parent / 'best_model.pth'))}")
@@ -3259,8 +3261,7 @@ def cli():
         signal.signal(signal.SIGTERM, raise_interrupted)
         # Ctrl-C too, even where it was inherited ignored (a script's `python train.py &`), as training does.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    with contextlib.suppress(AttributeError):  # a file name in another encoding prints as its own bytes, as ls does
-        sys.stdout.reconfigure(errors="surrogateescape")
+    print_file_names_as_bytes()
     try:
         code = main()
         sys.stdout.flush()  # the last buffered lines: a reader gone by now raises here, not at exit
@@ -3276,8 +3277,8 @@ def cli():
         if isinstance(e, RuntimeError) and CPU_OUT_OF_MEMORY not in str(e):
             raise
         code = report_failure(cpu_out_of_memory_message(e), EXIT_TRAINING_FAILED)
-    except BrokenPipeError:  # Python's documented way to leave quietly when stdout's reader has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        discard_stdout()
         print("[stop] the output's reader stopped reading (| head?); a run's last.pth holds its last completed "
               "epoch", file=sys.stderr)
         code = EXIT_BROKEN_PIPE
@@ -3289,6 +3290,18 @@ def cli():
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def print_file_names_as_bytes():
+    """stdout writes a file name in another encoding as its own bytes, as ls does, rather than failing on it."""
+    with contextlib.suppress(AttributeError):  # not a text stream of the system's (a test's StringIO)
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
+def discard_stdout():
+    """After stdout's reader has gone (| head): Python's documented way to exit without a second BrokenPipeError
+    when the interpreter flushes stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cpu_out_of_memory_message(error):
